@@ -1,0 +1,418 @@
+"""CoordinatorFSM: the pure, deterministic replicated state machine.
+
+    apply(index, command) -> ApplyResult      one command of a committed log entry
+    apply_entry(index, payload) -> [results]  a whole entry (a group-committed batch)
+    snapshot() / snapshot_chunks(view)        a canonical encoding of the whole state
+    restore(data) / restore_chunks(chunks)
+
+No sockets, clocks, uuids or randomness in here: the proposer stamps ids and times into each
+command before it is proposed, so every replica that applies the same log reaches the same
+state and the same `state_hash()`.
+
+Records are immutable once stored: an update replaces the record. That lets `snapshot_view()`
+take a consistent view in O(n) reference copies on the apply thread while the (slow) encoding
+runs elsewhere.
+
+Expected failures (bad dependency, cancelling a finished task, ...) are *results*, not
+exceptions, and leave the state untouched: a command is validated completely before anything
+is written. Only an unknown command type raises, because a node that cannot apply the log must
+stop rather than diverge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import OrderedDict, deque
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from coordinator.commands import CommandType, decode_entry
+from coordinator.dag import find_cycle
+from coordinator.errors import Compacted, UnknownCommand, invariant
+from coordinator.limits import StateLimits
+
+SNAPSHOT_FORMAT = 1
+SNAPSHOT_ROWS_PER_CHUNK = 1000
+
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+
+_encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+class TaskRecord:
+    """One task as the state machine keeps it: slotted, immutable by convention, compact."""
+
+    __slots__ = (
+        "id",
+        "name",
+        "type",
+        "description",
+        "input_json",
+        "priority",
+        "deadline_ms",
+        "dependencies",
+        "max_attempts",
+        "metadata",
+        "status",
+        "assigned_executor",
+        "created_at_ms",
+        "updated_at_ms",
+        "created_index",
+        "cancel_reason",
+    )
+
+    def __init__(self, *values: Any) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("TaskRecord is immutable; use replace()")
+
+    def row(self) -> list[Any]:
+        return [getattr(self, name) for name in self.__slots__]
+
+    def replace(self, **changes: Any) -> TaskRecord:
+        values = [changes.pop(name, getattr(self, name)) for name in self.__slots__]
+        invariant(not changes, f"unknown TaskRecord fields {sorted(changes)}")
+        return TaskRecord(*values)
+
+
+class ExecutorRecord:
+    __slots__ = (
+        "id",
+        "name",
+        "type",
+        "task_types",
+        "capacity",
+        "status",
+        "registered_at_ms",
+        "input_schema_json",
+        "output_schema_json",
+        "performance_profile_json",
+        "context_window_size",
+        "metadata",
+    )
+
+    def __init__(self, *values: Any) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("ExecutorRecord is immutable")
+
+    def row(self) -> list[Any]:
+        return [getattr(self, name) for name in self.__slots__]
+
+
+class ApplyResult:
+    __slots__ = ("ok", "value", "code", "message")
+
+    def __init__(self, ok: bool, value: Any = None, code: str = "", message: str = "") -> None:
+        self.ok = ok
+        self.value = value
+        self.code = code
+        self.message = message
+
+    @classmethod
+    def error(cls, code: str, message: str) -> ApplyResult:
+        return cls(False, None, code, message)
+
+    def __repr__(self) -> str:
+        if self.ok:
+            return f"ApplyResult(ok, {self.value!r})"
+        return f"ApplyResult({self.code}: {self.message})"
+
+
+# An event is a tuple, to keep a 100k-event ring small:
+# (index, seq, kind, task_id, executor_id, time_ms, data_json)
+Event = tuple[int, int, str, str, str, int, str]
+
+
+class SnapshotView:
+    """A consistent, frozen view of the state for encoding off the apply thread."""
+
+    __slots__ = ("header", "tasks", "executors", "idempotency", "events")
+
+    def __init__(self, header: dict[str, Any], tasks: list, executors: list, idempotency: list, events: list) -> None:
+        self.header = header
+        self.tasks = tasks
+        self.executors = executors
+        self.idempotency = idempotency
+        self.events = events
+
+
+class CoordinatorFSM:
+    def __init__(self, limits: StateLimits | None = None) -> None:
+        self.limits = limits or StateLimits()
+        self.tasks: dict[str, TaskRecord] = {}
+        self.executors: dict[str, ExecutorRecord] = {}
+        self.status_counts: dict[str, int] = {}
+        # idempotency key -> (index, task ids); FIFO-bounded so memory stays bounded
+        self._idempotency: OrderedDict[str, tuple[int, tuple[str, ...]]] = OrderedDict()
+        self._events: deque[Event] = deque()
+        self.events_compacted_through = 0  # highest index some of whose events were evicted
+        self.last_applied_index = 0
+        self._event_index = 0
+        self._event_seq = 0
+
+    # ------------------------------------------------------------------ apply
+    def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
+        commands = decode_entry(payload)
+        return [self.apply(index, command) for command in commands]
+
+    def apply(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        invariant(index >= self.last_applied_index, f"apply index {index} < last applied {self.last_applied_index}")
+        self.last_applied_index = index
+        kind = command.get("t")
+        handler = self._HANDLERS.get(kind)
+        if handler is None:
+            if command.get("ign"):
+                return ApplyResult(True, None)
+            raise UnknownCommand(f"command type {kind!r} at index {index} is unknown to this node")
+        return handler(self, index, command)
+
+    def _apply_noop(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        return ApplyResult(True, {"index": index})
+
+    def _apply_submit_tasks(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        key = command.get("key")
+        if key:
+            seen = self._idempotency.get(key)
+            if seen is not None:
+                return ApplyResult(True, {"ids": list(seen[1]), "duplicate": True, "index": seen[0]})
+        now_ms = command["now"]
+        specs = command["tasks"]
+        tasks = self.tasks
+        new_ids: dict[str, list[str]] = {}
+        for position, spec in enumerate(specs):
+            task_id = spec[0]
+            if task_id in tasks or task_id in new_ids:
+                return ApplyResult.error("INVALID_ARGUMENT", f"tasks[{position}].id: task {task_id!r} already exists")
+            new_ids[task_id] = spec[7]
+        for position, spec in enumerate(specs):
+            for dep_position, dep in enumerate(spec[7]):
+                if dep not in tasks and dep not in new_ids:
+                    return ApplyResult.error(
+                        "INVALID_ARGUMENT",
+                        f"tasks[{position}].depends_on[{dep_position}]: unknown task {dep!r}",
+                    )
+        cycle = find_cycle(new_ids)
+        if cycle is not None:
+            return ApplyResult.error("INVALID_ARGUMENT", f"depends_on: dependency cycle {' -> '.join(cycle)}")
+        # Validated: from here on nothing can fail, so the submission is all or nothing.
+        events = self._events
+        for spec in specs:
+            task_id = spec[0]
+            record = TaskRecord(
+                task_id, spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], tuple(spec[7]), spec[8], spec[9],
+                "pending", None, now_ms, now_ms, index, "",
+            )
+            tasks[task_id] = record
+            events.append(self._event(index, "TaskCreated", task_id, "", now_ms, ""))
+        self.status_counts["pending"] = self.status_counts.get("pending", 0) + len(specs)
+        self._trim_events()
+        ids = list(new_ids)
+        if key:
+            self._idempotency[key] = (index, tuple(ids))
+            if len(self._idempotency) > self.limits.idempotency_keys_max:
+                self._idempotency.popitem(last=False)
+        return ApplyResult(True, {"ids": ids, "duplicate": False, "index": index})
+
+    def _apply_cancel_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        task_id = command["id"]
+        record = self.tasks.get(task_id)
+        if record is None:
+            return ApplyResult.error("NOT_FOUND", f"task_id: no task {task_id!r}")
+        if record.status in FINAL_STATUSES:
+            return ApplyResult.error("FAILED_PRECONDITION", f"task {task_id!r} is already {record.status}")
+        now_ms = command["now"]
+        reason = command.get("reason", "")
+        self._set_status(record, "cancelled", now_ms, cancel_reason=reason)
+        self._events.append(self._event(index, "TaskCancelled", task_id, "", now_ms, _encoder.encode({"reason": reason})))
+        self._trim_events()
+        return ApplyResult(True, {"id": task_id, "index": index})
+
+    def _apply_register_executor(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        spec = command["ex"]
+        now_ms = command["now"]
+        executor_id = spec["id"]
+        existing = self.executors.get(executor_id)
+        registered_at_ms = existing.registered_at_ms if existing is not None else now_ms
+        record = ExecutorRecord(
+            executor_id, spec["name"], spec["type"], tuple(spec["task_types"]), spec["capacity"], "online",
+            registered_at_ms, spec["input_schema_json"], spec["output_schema_json"],
+            spec["performance_profile_json"], spec["context_window_size"], spec["metadata"],
+        )
+        self.executors[executor_id] = record
+        self._events.append(self._event(index, "ExecutorRegistered", "", executor_id, now_ms, ""))
+        self._trim_events()
+        return ApplyResult(True, {"id": executor_id, "index": index, "reregistered": existing is not None})
+
+    def _apply_unregister_executor(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        executor_id = command["id"]
+        if executor_id not in self.executors:
+            return ApplyResult.error("NOT_FOUND", f"executor_id: no executor {executor_id!r}")
+        del self.executors[executor_id]
+        self._events.append(self._event(index, "ExecutorUnregistered", "", executor_id, command["now"], ""))
+        self._trim_events()
+        return ApplyResult(True, {"id": executor_id, "index": index})
+
+    _HANDLERS = {
+        CommandType.NOOP: _apply_noop,
+        CommandType.SUBMIT_TASKS: _apply_submit_tasks,
+        CommandType.CANCEL_TASK: _apply_cancel_task,
+        CommandType.REGISTER_EXECUTOR: _apply_register_executor,
+        CommandType.UNREGISTER_EXECUTOR: _apply_unregister_executor,
+    }
+
+    # ------------------------------------------------------------------ helpers
+    def _set_status(self, record: TaskRecord, status: str, now_ms: int, **changes: Any) -> None:
+        counts = self.status_counts
+        counts[record.status] -= 1
+        counts[status] = counts.get(status, 0) + 1
+        self.tasks[record.id] = record.replace(status=status, updated_at_ms=now_ms, **changes)
+
+    def _event(self, index: int, kind: str, task_id: str, executor_id: str, time_ms: int, data_json: str) -> Event:
+        if index != self._event_index:
+            self._event_index = index
+            self._event_seq = 0
+        seq = self._event_seq
+        self._event_seq = seq + 1
+        return (index, seq, kind, task_id, executor_id, time_ms, data_json)
+
+    def _trim_events(self) -> None:
+        events = self._events
+        excess = len(events) - self.limits.events_retained_max
+        for _ in range(max(0, excess)):
+            self.events_compacted_through = events.popleft()[0]
+
+    # ------------------------------------------------------------------ reads
+    def events_from(self, from_index: int, limit: int) -> list[Event]:
+        """Events with index >= from_index, oldest first, at most `limit`.
+
+        Raises Compacted when some of the requested events were already evicted."""
+        if from_index <= self.events_compacted_through:
+            raise Compacted(
+                f"from_index: events up to index {self.events_compacted_through} were compacted; "
+                f"resume from {self.events_compacted_through + 1} or later, after resynchronizing from current state"
+            )
+        events = self._events
+        if not events or events[-1][0] < from_index:
+            return []
+        # Binary search on the deque by index (deque indexing is O(n) at worst but fast in C).
+        lo, hi = 0, len(events)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if events[mid][0] < from_index:
+                lo = mid + 1
+            else:
+                hi = mid
+        out = []
+        for i in range(lo, min(lo + limit, len(events))):
+            out.append(events[i])
+        return out
+
+    @property
+    def oldest_event_index(self) -> int:
+        return self._events[0][0] if self._events else self.last_applied_index + 1
+
+    def idempotent_result(self, key: str) -> tuple[int, tuple[str, ...]] | None:
+        return self._idempotency.get(key)
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot_view(self) -> SnapshotView:
+        header = {
+            "format": SNAPSHOT_FORMAT,
+            "last_applied_index": self.last_applied_index,
+            "events_compacted_through": self.events_compacted_through,
+            "event_index": self._event_index,
+            "event_seq": self._event_seq,
+        }
+        return SnapshotView(
+            header,
+            list(self.tasks.values()),
+            list(self.executors.values()),
+            [(key, index, list(ids)) for key, (index, ids) in self._idempotency.items()],
+            list(self._events),
+        )
+
+    @staticmethod
+    def snapshot_chunks(view: SnapshotView) -> Iterator[bytes]:
+        """Encode a view as chunks of canonical JSON; each chunk is small so that encoding on
+        a background thread lets the apply thread run between chunks."""
+        yield _encoder.encode(view.header).encode()
+        sections = (
+            ("tasks", (record.row() for record in view.tasks), len(view.tasks)),
+            ("executors", (record.row() for record in view.executors), len(view.executors)),
+            ("idempotency", iter(view.idempotency), len(view.idempotency)),
+            ("events", iter(view.events), len(view.events)),
+        )
+        for name, rows, count in sections:
+            yield _encoder.encode({"section": name, "count": count}).encode()
+            batch: list[Any] = []
+            for row in rows:
+                batch.append(row)
+                if len(batch) == SNAPSHOT_ROWS_PER_CHUNK:
+                    yield _encoder.encode(batch).encode()
+                    batch = []
+            if batch:
+                yield _encoder.encode(batch).encode()
+
+    def snapshot(self) -> bytes:
+        chunks = self.snapshot_chunks(self.snapshot_view())
+        return b"\n".join(chunks)
+
+    def restore(self, data: bytes) -> None:
+        self.restore_chunks(data.split(b"\n"))
+
+    def restore_chunks(self, chunks: Iterable[bytes]) -> None:
+        decode = json.JSONDecoder().decode
+        it = iter(chunks)
+        header = decode(next(it).decode())
+        if header.get("format") != SNAPSHOT_FORMAT:
+            raise UnknownCommand(f"snapshot format {header.get('format')!r} is not supported by this node")
+        tasks: dict[str, TaskRecord] = {}
+        executors: dict[str, ExecutorRecord] = {}
+        idempotency: OrderedDict[str, tuple[int, tuple[str, ...]]] = OrderedDict()
+        events: deque[Event] = deque()
+        section, remaining = None, 0
+        for chunk in it:
+            item = decode(chunk.decode())
+            if isinstance(item, dict):
+                invariant(remaining == 0, f"snapshot section {section} is short by {remaining} rows")
+                section, remaining = item["section"], item["count"]
+                continue
+            remaining -= len(item)
+            if section == "tasks":
+                for row in item:
+                    row[7] = tuple(row[7])
+                    tasks[row[0]] = TaskRecord(*row)
+            elif section == "executors":
+                for row in item:
+                    row[3] = tuple(row[3])
+                    executors[row[0]] = ExecutorRecord(*row)
+            elif section == "idempotency":
+                for key, index, ids in item:
+                    idempotency[key] = (index, tuple(ids))
+            elif section == "events":
+                events.extend(tuple(row) for row in item)
+            else:
+                raise UnknownCommand(f"snapshot section {section!r} is unknown to this node")
+        invariant(remaining == 0, f"snapshot section {section} is short by {remaining} rows")
+        counts: dict[str, int] = {}
+        for record in tasks.values():
+            counts[record.status] = counts.get(record.status, 0) + 1
+        self.tasks, self.executors, self._idempotency, self._events = tasks, executors, idempotency, events
+        self.status_counts = counts
+        self.last_applied_index = header["last_applied_index"]
+        self.events_compacted_through = header["events_compacted_through"]
+        self._event_index = header["event_index"]
+        self._event_seq = header["event_seq"]
+
+    def state_hash(self) -> str:
+        digest = hashlib.sha256()
+        for chunk in self.snapshot_chunks(self.snapshot_view()):
+            digest.update(chunk)
+            digest.update(b"\n")
+        return digest.hexdigest()
