@@ -288,10 +288,11 @@ class CoordinatorFSM:
             self.events_compacted_through = events.popleft()[0]
 
     # ------------------------------------------------------------------ reads
-    def events_from(self, from_index: int, limit: int) -> list[Event]:
-        """Events with index >= from_index, oldest first, at most `limit`.
+    def events_from(self, from_index: int, limit: int, after_seq: int = -1) -> list[Event]:
+        """Events at or after (from_index, after_seq + 1), oldest first, at most `limit`.
 
-        Raises Compacted when some of the requested events were already evicted."""
+        One index can hold thousands of events (a DAG submission), so a reader resumes inside an
+        index with `after_seq`. Raises Compacted when requested events were already evicted."""
         if from_index <= self.events_compacted_through:
             raise Compacted(
                 f"from_index: events up to index {self.events_compacted_through} were compacted; "
@@ -300,18 +301,15 @@ class CoordinatorFSM:
         events = self._events
         if not events or events[-1][0] < from_index:
             return []
-        # Binary search on the deque by index (deque indexing is O(n) at worst but fast in C).
         lo, hi = 0, len(events)
-        while lo < hi:
+        while lo < hi:  # first event with (index, seq) > (from_index, after_seq)
             mid = (lo + hi) // 2
-            if events[mid][0] < from_index:
+            event = events[mid]
+            if event[0] < from_index or (event[0] == from_index and event[1] <= after_seq):
                 lo = mid + 1
             else:
                 hi = mid
-        out = []
-        for i in range(lo, min(lo + limit, len(events))):
-            out.append(events[i])
-        return out
+        return [events[i] for i in range(lo, min(lo + limit, len(events)))]
 
     @property
     def oldest_event_index(self) -> int:

@@ -101,6 +101,7 @@ def test_events_numbered_by_index_and_compacted() -> None:
     with pytest.raises(Compacted, match="from_index"):
         fsm.events_from(2, 100)
     assert [e[0] for e in fsm.events_from(3, 100)] == [3, 3, 4]
+    assert [(e[0], e[1]) for e in fsm.events_from(3, 100, after_seq=0)] == [(3, 1), (4, 0)]
     assert fsm.events_from(5, 100) == []
 
 
