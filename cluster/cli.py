@@ -1,0 +1,466 @@
+"""coordctl — the admin CLI. Every command takes `--output json` for scripts.
+
+Endpoints come from --endpoints, then COORDCTL_ENDPOINTS, then DATA_DIR/cluster.json written by
+`coordctl cluster up` (DATA_DIR: --data-dir, COORDCTL_DATA_DIR, or ./.coord).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+import typer
+import yaml
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from cluster.client import ClientError, CoordinatorClient, default_data_dir, resolve_endpoints
+from cluster.local import ClusterError, LocalCluster, pid_alive
+from proto import coordinator_pb2 as pb
+
+app = typer.Typer(help="Admin CLI of the agent-coordinator cluster.", no_args_is_help=True, add_completion=False)
+cluster_app = typer.Typer(help="Run and inspect a local cluster.", no_args_is_help=True)
+node_app = typer.Typer(help="Run one coordinator node.", no_args_is_help=True)
+task_app = typer.Typer(help="Submit, inspect and cancel tasks.", no_args_is_help=True)
+dag_app = typer.Typer(help="Submit DAGs of tasks from YAML or JSON files.", no_args_is_help=True)
+events_app = typer.Typer(help="Stream committed domain events.", no_args_is_help=True)
+executor_app = typer.Typer(help="Inspect executors.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+app.add_typer(node_app, name="node")
+app.add_typer(task_app, name="task")
+app.add_typer(dag_app, name="dag")
+app.add_typer(events_app, name="events")
+app.add_typer(executor_app, name="executor")
+
+console = Console()
+err_console = Console(stderr=True)
+
+DAG_FILE_BYTES_MAX = 32 << 20
+
+
+class Output(str, Enum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = typer.Option(Output.table, "--output", "-o", help="table or json")
+EndpointsOpt = typer.Option(None, "--endpoints", help="host:port,... (default: COORDCTL_ENDPOINTS or the local cluster file)")
+DataDirOpt = typer.Option(None, "--data-dir", help="local cluster directory (default: COORDCTL_DATA_DIR or ./.coord)")
+
+
+def fail(message: str, code: int = 1) -> None:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def client_for(endpoints: str | None, data_dir: str | None) -> CoordinatorClient:
+    try:
+        return CoordinatorClient(resolve_endpoints(endpoints, data_dir))
+    except ClientError as exc:
+        fail(exc.message)
+        raise
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def fmt_ms(ms: int) -> str:
+    if not ms:
+        return ""
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def task_dict(task: pb.Task) -> dict[str, Any]:
+    data = MessageToDict(task, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data["input"] = json.loads(task.input_json) if task.input_json else None
+    del data["input_json"]
+    for key in ("deadline_unix_ms", "created_at_unix_ms", "updated_at_unix_ms", "created_index"):
+        data[key] = int(data.get(key) or 0)
+    return data
+
+
+_RELATIVE = re.compile(r"^\+(\d+(?:\.\d+)?)(ms|s|m|h|d)$")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+
+
+def parse_deadline(text: str | None) -> tuple[int, int]:
+    """RFC 3339 (absolute) or +30s/+5m/+2h/+1d (relative): (deadline_unix_ms, deadline_in_ms)."""
+    if not text:
+        return 0, 0
+    match = _RELATIVE.match(text.strip())
+    if match:
+        return 0, int(float(match.group(1)) * _UNIT_MS[match.group(2)])
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        fail(f"--deadline: RFC 3339 time (2026-12-01T10:00:00Z) or +30s/+5m/+2h/+1d, got {text!r}")
+    if moment.tzinfo is None:
+        fail("--deadline: give a time zone (e.g. Z or +03:00)")
+    return int(moment.timestamp() * 1000), 0
+
+
+def call(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except ClientError as exc:
+        fail(f"{exc.code.name}: {exc.message}")
+
+
+# ---------------------------------------------------------------------------------- cluster
+@cluster_app.command("up")
+def cluster_up(
+    nodes: int = typer.Option(3, "--nodes", help="how many nodes (3 or 5 for fault tolerance)"),
+    data_dir: str = DataDirOpt,
+    wait_s: float = typer.Option(30.0, "--wait-s", help="how long to wait for a leader"),
+    output: Output = OutputOpt,
+) -> None:
+    """Start a local cluster in the background; returns once a leader is elected."""
+    cluster = LocalCluster(data_dir or default_data_dir())
+    try:
+        leader = cluster.up(nodes, wait_s)
+    except ClusterError as exc:
+        fail(str(exc))
+    data = {"data_dir": cluster.data_dir, "leader": leader, "nodes": [n.as_dict() for n in cluster.nodes]}
+    if output == Output.json:
+        emit_json(data)
+    else:
+        console.print(f"cluster of {len(cluster.nodes)} nodes up in {cluster.data_dir}; leader {leader}")
+        console.print(f"endpoints: {','.join(cluster.endpoints)}")
+
+
+@cluster_app.command("down")
+def cluster_down(data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
+    """Stop the local cluster's nodes (SIGTERM, then SIGKILL after 10 s). Data stays."""
+    cluster = LocalCluster(data_dir or default_data_dir())
+    if not cluster.nodes:
+        fail(f"no local cluster in {cluster.data_dir}")
+    stopped = [n.id for n in cluster.nodes if pid_alive(n.pid)]
+    cluster.down()
+    if output == Output.json:
+        emit_json({"stopped": stopped})
+    else:
+        console.print(f"stopped {', '.join(stopped) or 'nothing (no node was running)'}")
+
+
+@cluster_app.command("status")
+def cluster_status(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
+    """Per node: id, address, role, term, commit and applied index, pid, health."""
+    eps = call(resolve_endpoints, endpoints, data_dir)
+    client = CoordinatorClient(eps)
+    rows = []
+    for endpoint in eps:
+        try:
+            node = client.status(endpoint)
+            rows.append(MessageToDict(node, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
+        except Exception as exc:  # a down node is a row, not a failure
+            rows.append({"grpc_address": endpoint, "role": "unreachable", "healthy": False, "error": str(exc)[:200]})
+    client.close()
+    if output == Output.json:
+        emit_json({"nodes": rows})
+        return
+    table = Table(title="cluster status")
+    for column in ("node", "grpc", "raft", "role", "term", "commit", "applied", "pid", "tasks", "health"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row.get("node_id", "?"), row.get("grpc_address", ""), row.get("raft_address", ""), row.get("role", ""),
+            str(row.get("term", "")), str(row.get("commit_index", "")), str(row.get("applied_index", "")),
+            str(row.get("pid", "")), str(row.get("tasks", "")),
+            "[green]ok[/green]" if row.get("healthy") else "[red]down[/red]",
+        )
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------- node
+@node_app.command("run")
+def node_run(
+    cluster_file: str = typer.Option(..., "--cluster-file", help="JSON: {nodes: [{id, raft_address, grpc_address}]}"),
+    node_id: str = typer.Option(..., "--node-id"),
+    data_dir: str = typer.Option(..., "--data-dir", help="this node's WAL and snapshots"),
+    secret_file: str = typer.Option(None, "--secret-file", help="cluster secret (or COORD_CLUSTER_SECRET)"),
+    log_level: str = typer.Option("INFO", "--log-level"),
+    log_compaction_min_entries: int = typer.Option(5000, "--log-compaction-min-entries",
+                                                   help="snapshot and compact after this many log entries"),
+    log_compaction_min_time_s: float = typer.Option(300.0, "--log-compaction-min-time-s",
+                                                    help="or after this many seconds"),
+) -> None:
+    """Run one coordinator node in the foreground (for real deployments and `cluster up`)."""
+    from cluster.node import NodeConfig, load_cluster_file, load_secret, run_node
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    config = NodeConfig(node_id=node_id, nodes=load_cluster_file(cluster_file), data_dir=data_dir,
+                        secret=load_secret(secret_file), log_compaction_min_entries=log_compaction_min_entries,
+                        log_compaction_min_time_s=log_compaction_min_time_s)
+    try:
+        config.me  # noqa: B018 (validates node_id early with a clear message)
+    except ValueError as exc:
+        fail(str(exc))
+    asyncio.run(run_node(config))
+
+
+# ---------------------------------------------------------------------------------- tasks
+def parse_input(text: str, field: str = "--input") -> str:
+    try:
+        json.loads(text)
+    except ValueError as exc:
+        fail(f"{field}: not valid JSON ({exc})")
+    return text
+
+
+@task_app.command("submit")
+def task_submit(
+    type_: str = typer.Option(..., "--type", help="task type, e.g. echo"),
+    input_: str = typer.Option("null", "--input", help="JSON input"),
+    description: str = typer.Option("", "--description"),
+    priority: int = typer.Option(None, "--priority", help="0..100 (default 50)"),
+    deadline: str = typer.Option(None, "--deadline", help="RFC 3339 or +30s/+5m/+2h"),
+    depends_on: list[str] = typer.Option([], "--depends-on", help="task id; repeatable"),
+    max_attempts: int = typer.Option(0, "--max-attempts"),
+    idempotency_key: str = typer.Option("", "--idempotency-key", help="a retried submit with the same key returns the first task"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Submit one task."""
+    deadline_unix_ms, deadline_in_ms = parse_deadline(deadline)
+    spec = pb.TaskSpec(type=type_, input_json=parse_input(input_), description=description,
+                       priority=priority or 0, has_priority=priority is not None, deadline_unix_ms=deadline_unix_ms,
+                       deadline_in_ms=deadline_in_ms, depends_on=depends_on, max_attempts=max_attempts)
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.submit_task, spec, idempotency_key)
+    if output == Output.json:
+        emit_json({"task_id": response.task_id, "duplicate": response.duplicate, "index": response.index})
+    else:
+        console.print(f"{response.task_id}{' (duplicate: the first submit with this key)' if response.duplicate else ''}")
+
+
+@task_app.command("list")
+def task_list(
+    status: list[str] = typer.Option([], "--status", help="repeatable"),
+    type_: str = typer.Option("", "--type"),
+    limit: int = typer.Option(100, "--limit", help="1..1000"),
+    after_id: str = typer.Option("", "--after-id", help="page cursor"),
+    linearizable: bool = typer.Option(False, "--linearizable", help="read after a commit barrier"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """List tasks in creation order."""
+    consistency = pb.CONSISTENCY_LINEARIZABLE if linearizable else pb.CONSISTENCY_LOCAL
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.list_tasks, status=status, type=type_, limit=limit, after_id=after_id,
+                        consistency=consistency)
+    if output == Output.json:
+        emit_json({"tasks": [task_dict(t) for t in response.tasks], "next_after_id": response.next_after_id,
+                   "total_matching": response.total_matching})
+        return
+    table = Table(title=f"tasks ({len(response.tasks)} of {response.total_matching})")
+    for column in ("id", "name", "type", "status", "priority", "deadline", "deps", "created"):
+        table.add_column(column)
+    for t in response.tasks:
+        table.add_row(t.id, t.name, t.type, t.status, str(t.priority), fmt_ms(t.deadline_unix_ms),
+                      str(len(t.dependencies)), fmt_ms(t.created_at_unix_ms))
+    console.print(table)
+    if response.next_after_id:
+        console.print(f"more: --after-id {response.next_after_id}")
+
+
+@task_app.command("show")
+def task_show(
+    task_id: str,
+    linearizable: bool = typer.Option(False, "--linearizable"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Show one task."""
+    with client_for(endpoints, data_dir) as client:
+        task = call(client.get_task, task_id, linearizable)
+    data = task_dict(task)
+    if output == Output.json:
+        emit_json(data)
+        return
+    table = Table(show_header=False, title=task.id)
+    for key in sorted(data):
+        value = data[key]
+        if key.endswith("_unix_ms"):
+            value = fmt_ms(value)
+        table.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    console.print(table)
+
+
+@task_app.command("cancel")
+def task_cancel(
+    task_id: str,
+    reason: str = typer.Option("", "--reason"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Cancel a task that has not finished."""
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.cancel_task, task_id, reason)
+    if output == Output.json:
+        emit_json(task_dict(response.task))
+    else:
+        console.print(f"{task_id}: {response.task.status}")
+
+
+@task_app.command("wait")
+def task_wait(
+    task_ids: list[str],
+    timeout: float = typer.Option(30.0, "--timeout", help="seconds, at most 300"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Wait until the tasks reach a final state (completed, failed or cancelled). Exit 3 on timeout."""
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.wait_tasks, task_ids, timeout)
+    if output == Output.json:
+        emit_json({"all_final": response.all_final, "tasks": [task_dict(t) for t in response.tasks]})
+    else:
+        for t in response.tasks:
+            console.print(f"{t.id}: {t.status}")
+    if not response.all_final:
+        raise typer.Exit(3)
+
+
+# ---------------------------------------------------------------------------------- dags
+def load_dag_file(path: str) -> list[pb.TaskSpec]:
+    try:
+        size = os.path.getsize(path)
+    except OSError as exc:
+        fail(f"FILE: {exc}")
+    if size > DAG_FILE_BYTES_MAX:
+        fail(f"FILE: at most {DAG_FILE_BYTES_MAX} bytes, got {size}")
+    with open(path) as f:
+        text = f.read()
+    try:
+        data = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        fail(f"FILE: not valid {'JSON' if path.endswith('.json') else 'YAML'} ({str(exc)[:300]})")
+    if not isinstance(data, dict) or not isinstance(data.get("tasks"), list):
+        fail('FILE: expected {"tasks": [{"name", "type", "input", "priority", "deadline", "depends_on", "max_attempts"}]}')
+    specs = []
+    known = {"name", "type", "input", "priority", "deadline", "depends_on", "max_attempts", "description", "metadata"}
+    for i, task in enumerate(data["tasks"]):
+        if not isinstance(task, dict):
+            fail(f"tasks[{i}]: expected a mapping")
+        unknown = set(task) - known
+        if unknown:
+            fail(f"tasks[{i}]: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+        priority = task.get("priority")
+        if priority is not None and not isinstance(priority, int):
+            fail(f"tasks[{i}].priority: an integer 0..100")
+        deps = task.get("depends_on") or []
+        if not isinstance(deps, list) or not all(isinstance(d, str) for d in deps):
+            fail(f"tasks[{i}].depends_on: a list of task names")
+        deadline = task.get("deadline")
+        deadline_unix_ms, deadline_in_ms = parse_deadline(str(deadline) if deadline is not None else None)
+        specs.append(pb.TaskSpec(
+            name=str(task.get("name") or ""), type=str(task.get("type") or ""),
+            description=str(task.get("description") or ""),
+            input_json=json.dumps(task.get("input"), separators=(",", ":")),
+            priority=priority or 0, has_priority=priority is not None, deadline_unix_ms=deadline_unix_ms,
+            deadline_in_ms=deadline_in_ms, depends_on=deps, max_attempts=int(task.get("max_attempts") or 0),
+            metadata={str(k): str(v) for k, v in (task.get("metadata") or {}).items()},
+        ))
+    return specs
+
+
+@dag_app.command("submit")
+def dag_submit(
+    file: str,
+    idempotency_key: str = typer.Option("", "--idempotency-key"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Submit a DAG atomically: all tasks or none. Names are local to the file."""
+    specs = load_dag_file(file)
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.submit_dag, specs, idempotency_key)
+    mapping = {spec.name or str(i): task_id for i, (spec, task_id) in enumerate(zip(specs, response.ordered_ids))}
+    if output == Output.json:
+        emit_json({"task_ids": mapping, "duplicate": response.duplicate, "index": response.index})
+        return
+    table = Table(title=f"DAG submitted ({len(mapping)} tasks){' — duplicate' if response.duplicate else ''}")
+    table.add_column("name")
+    table.add_column("task id")
+    for name, task_id in mapping.items():
+        table.add_row(name, task_id)
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------------- events
+@events_app.command("watch")
+def events_watch(
+    from_index: int = typer.Option(0, "--from-index", help="0 = only new events"),
+    kind: list[str] = typer.Option([], "--kind", help="repeatable, e.g. TaskCreated"),
+    count: int = typer.Option(0, "--count", help="stop after this many events (0 = no limit)"),
+    timeout: float = typer.Option(0.0, "--timeout", help="stop after this many seconds (0 = no limit)"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Stream committed domain events from any node."""
+    import grpc
+
+    client = client_for(endpoints, data_dir)
+    seen = 0
+    try:
+        for event in client.watch(from_index, kind, timeout_s=timeout or None):
+            data = MessageToDict(event, preserving_proto_field_name=True)
+            if output == Output.json:
+                sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
+                sys.stdout.flush()
+            else:
+                console.print(f"{event.index}.{event.seq} {fmt_ms(event.time_unix_ms)} {event.kind} "
+                              f"{event.task_id or event.executor_id} {event.data_json}", highlight=False)
+            seen += 1
+            if count and seen >= count:
+                break
+    except grpc.RpcError as exc:
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            fail(f"{exc.code().name}: {exc.details()}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------------- executors
+@executor_app.command("list")
+def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
+    """List registered executors."""
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.call, "ListExecutors", pb.ListExecutorsRequest())
+    rows = [MessageToDict(e, preserving_proto_field_name=True) for e in response.executors]
+    if output == Output.json:
+        emit_json({"executors": rows})
+        return
+    table = Table(title="executors")
+    for column in ("id", "name", "type", "task types", "capacity", "status", "registered"):
+        table.add_column(column)
+    for e in response.executors:
+        table.add_row(e.id, e.name, e.type, ",".join(e.supported_task_types), str(e.capacity), e.status,
+                      fmt_ms(e.registered_at_unix_ms))
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,206 @@
+"""A coordinator node: the composition root that wires the pure core to Raft, the WAL and gRPC.
+
+    gRPC (grpc.aio, main thread)          raft tick thread (pysyncobj)
+    ─────────────────────────────         ─────────────────────────────────────────
+    CoordinatorService                    RaftLog.apply_entry ─► CoordinatorFSM
+      └─ Proposer ── apply_entry() ────►  LmdbJournal (fsync before any ack/vote)
+      ◄─ results (call_soon_threadsafe) ─ SnapshotSerializer (background writer)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cluster.proposer import Proposer, ProposerLimits
+from cluster.raft import ROLE_NAMES, RaftLog
+from cluster.raft_patches import CoordinatorTransport, recommended_conf_kwargs
+from cluster.service import AppliedWaiters, CoordinatorService
+from coordinator.fsm import CoordinatorFSM
+from coordinator.limits import Limits
+from proto import coordinator_pb2 as pb
+from proto import coordinator_pb2_grpc as pb_grpc
+from wal.journal import LmdbJournal
+from wal.snapshot import read_snapshot
+
+log = logging.getLogger("coordinator.node")
+
+GRPC_MESSAGE_BYTES_MAX = 32 << 20
+SECRET_BYTES_MIN = 16
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    id: str
+    raft_address: str
+    grpc_address: str
+
+
+@dataclass
+class NodeConfig:
+    node_id: str
+    nodes: list[NodeAddress]
+    data_dir: str
+    secret: str
+    limits: Limits = field(default_factory=Limits)
+    proposer: ProposerLimits = field(default_factory=ProposerLimits)
+    log_compaction_min_entries: int = 5000
+    log_compaction_min_time_s: float = 300.0
+    journal_bytes_compact: int = 64 << 20
+    raft_overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def me(self) -> NodeAddress:
+        for node in self.nodes:
+            if node.id == self.node_id:
+                return node
+        raise ValueError(f"node_id: {self.node_id!r} is not in the cluster file (nodes: {[n.id for n in self.nodes]})")
+
+
+def load_cluster_file(path: str) -> list[NodeAddress]:
+    with open(path) as f:
+        data = json.load(f)
+    return [NodeAddress(n["id"], n["raft_address"], n["grpc_address"]) for n in data["nodes"]]
+
+
+def load_secret(secret_file: str | None) -> str:
+    secret = os.environ.get("COORD_CLUSTER_SECRET", "")
+    if secret_file:
+        with open(secret_file) as f:
+            secret = f.read().strip()
+    if len(secret) < SECRET_BYTES_MIN:
+        raise SystemExit(
+            "cluster secret: required (--secret-file or COORD_CLUSTER_SECRET), at least "
+            f"{SECRET_BYTES_MIN} characters; it encrypts and authenticates all Raft traffic"
+        )
+    return secret
+
+
+class Node:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.fsm = CoordinatorFSM()
+        self.fsm_lock = threading.RLock()
+        self.raft: RaftLog | None = None
+        self.journal: LmdbJournal | None = None
+        self.proposer: Proposer | None = None
+        self.server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    def _paths(self) -> tuple[str, str]:
+        os.makedirs(self.config.data_dir, exist_ok=True)
+        return os.path.join(self.config.data_dir, "wal"), os.path.join(self.config.data_dir, "snapshot.bin")
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+        me = config.me
+        wal_path, snapshot_path = self._paths()
+        if os.path.exists(snapshot_path):
+            read_snapshot(snapshot_path)  # refuse to start on a corrupt snapshot: SnapshotCorrupt names it
+        self.journal = LmdbJournal(wal_path)
+        waiters = AppliedWaiters(loop)
+        conf_kwargs = recommended_conf_kwargs()
+        conf_kwargs.update(
+            password=config.secret,
+            bindAddress=me.raft_address,
+            logCompactionMinEntries=config.log_compaction_min_entries,
+            logCompactionMinTime=config.log_compaction_min_time_s,
+            commandsQueueSize=config.proposer.entries_in_flight_max * 64 + 1000,
+        )
+        conf_kwargs.update(config.raft_overrides)
+        peers = [n.raft_address for n in config.nodes if n.id != me.id]
+        self.raft = RaftLog(
+            me.raft_address, peers, fsm=self.fsm, fsm_lock=self.fsm_lock, journal=self.journal,
+            snapshot_path=snapshot_path, transport_class=CoordinatorTransport, conf_kwargs=conf_kwargs,
+            on_applied=waiters.notify_threadsafe,
+        )
+        self.proposer = Proposer(self.raft, loop, config.proposer)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
+            ("grpc.so_reuseport", 0),
+        ])
+        service = CoordinatorService(
+            fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters, limits=config.limits,
+            node_status=self.status,
+        )
+        pb_grpc.add_CoordinatorServicer_to_server(service, self.server)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self.server,
+        )
+        # mTLS arrives with the security issue; until then the API listens on the configured
+        # (loopback by default) address only.
+        if self.server.add_insecure_port(me.grpc_address) == 0:
+            raise SystemExit(f"grpc_address: cannot bind {me.grpc_address}")
+        await self.server.start()
+        self.raft.start(journal_bytes_compact=config.journal_bytes_compact)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("node %s serving gRPC on %s, raft on %s", me.id, me.grpc_address, me.raft_address)
+
+    async def _set_health(self, status: int) -> None:
+        result = self.health.set("", status)
+        if asyncio.iscoroutine(result):
+            await result
+        result = self.health.set("agentcoordinator.v1.Coordinator", status)
+        if asyncio.iscoroutine(result):
+            await result
+
+    def status(self, include_state_hash: bool = False) -> pb.NodeStatus:
+        me = self.config.me
+        raft = self.raft
+        status = raft.status_cache if raft is not None else {}
+        leader = status.get("leader")
+        peers = {}
+        for node in self.config.nodes:
+            if node.id != me.id:
+                peers[node.id] = status.get("partner_node_status_server_" + node.raft_address, 0) == 2
+        commit = int(status.get("commit_idx") or 0)
+        applied = self.fsm.last_applied_index
+        state_hash = ""
+        if include_state_hash:
+            with self.fsm_lock:
+                state_hash = self.fsm.state_hash()
+        return pb.NodeStatus(
+            state_hash=state_hash, node_id=me.id, raft_address=me.raft_address, grpc_address=me.grpc_address,
+            role=ROLE_NAMES.get(status.get("state", 0), "follower"), term=int(status.get("raft_term") or 0),
+            commit_index=commit, applied_index=applied,
+            leader_raft_address=getattr(leader, "address", "") if leader is not None else "",
+            pid=os.getpid(), healthy=leader is not None and commit - applied < 1000,
+            log_entries=int(status.get("log_len") or 0),
+            commands_in_flight=self.proposer.commands_in_flight if self.proposer else 0,
+            tasks=len(self.fsm.tasks), data_dir=os.path.abspath(self.config.data_dir), peers_connected=peers,
+        )
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self.server.stop(grace=1.0)
+        if self.raft is not None:
+            await asyncio.to_thread(self.raft.stop)
+        self._stopped.set()
+
+
+async def run_node(config: NodeConfig) -> None:
+    node = Node(config)
+    await node.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("node %s stopping", config.node_id)
+    await node.stop()

@@ -1,0 +1,302 @@
+"""The gRPC API of a node (grpc.aio). Handlers stay about the domain: validate, stamp, propose,
+convert. Time and ids are stamped here, by the proposer, before anything reaches the log."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+
+from cluster.proposer import ProposeError, Proposer
+from coordinator import commands as cmd
+from coordinator.errors import CoordinatorError, InvalidArgument
+from coordinator.fsm import FINAL_STATUSES, CoordinatorFSM, ExecutorRecord, TaskRecord
+from coordinator.limits import Limits
+from coordinator.model import TaskStatus
+from coordinator.validation import ExecutorInput, TaskInput, build_executor_spec, build_task_specs, check_idempotency_key
+from proto import coordinator_pb2 as pb
+from proto import coordinator_pb2_grpc as pb_grpc
+
+STATUS_CODES = {
+    "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
+    "NOT_FOUND": grpc.StatusCode.NOT_FOUND,
+    "FAILED_PRECONDITION": grpc.StatusCode.FAILED_PRECONDITION,
+    "OUT_OF_RANGE": grpc.StatusCode.OUT_OF_RANGE,
+    "RESOURCE_EXHAUSTED": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
+    "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "INTERNAL": grpc.StatusCode.INTERNAL,
+}
+
+LIST_LIMIT_DEFAULT = 100
+LIST_LIMIT_MAX = 1000
+WAIT_TIMEOUT_S_DEFAULT = 30.0
+WAIT_TIMEOUT_S_MAX = 300.0
+WAIT_TASKS_MAX = 1000
+WATCH_BATCH_EVENTS_MAX = 1000
+WATCH_IDLE_RECHECK_S = 1.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_task_id() -> str:
+    return "t-" + uuid.uuid4().hex[:20]
+
+
+def new_executor_id() -> str:
+    return "x-" + uuid.uuid4().hex[:16]
+
+
+def task_to_pb(record: TaskRecord) -> pb.Task:
+    return pb.Task(
+        id=record.id, name=record.name, type=record.type, description=record.description,
+        input_json=record.input_json, priority=record.priority, deadline_unix_ms=record.deadline_ms,
+        dependencies=list(record.dependencies), assigned_executor=record.assigned_executor or "",
+        status=record.status, created_at_unix_ms=record.created_at_ms, updated_at_unix_ms=record.updated_at_ms,
+        max_attempts=record.max_attempts, metadata=record.metadata or {}, created_index=record.created_index,
+        cancel_reason=record.cancel_reason,
+    )
+
+
+def executor_to_pb(record: ExecutorRecord) -> pb.Executor:
+    return pb.Executor(
+        id=record.id, name=record.name, type=record.type, supported_task_types=list(record.task_types),
+        capacity=record.capacity, status=record.status, registered_at_unix_ms=record.registered_at_ms,
+        input_schema_json=record.input_schema_json, output_schema_json=record.output_schema_json,
+        performance_profile_json=record.performance_profile_json, context_window_size=record.context_window_size,
+        metadata=record.metadata or {},
+    )
+
+
+def task_input_from_pb(spec: pb.TaskSpec) -> TaskInput:
+    return TaskInput(
+        type=spec.type, name=spec.name, description=spec.description, input_json=spec.input_json,
+        priority=spec.priority if spec.has_priority else None, deadline_unix_ms=spec.deadline_unix_ms,
+        deadline_in_ms=spec.deadline_in_ms, depends_on=list(spec.depends_on), max_attempts=spec.max_attempts,
+        metadata=dict(spec.metadata),
+    )
+
+
+class AppliedWaiters:
+    """Lets coroutines wait for the next applied entry without polling. The raft tick thread calls
+    `notify` (through call_soon_threadsafe); it is cheap when nobody waits."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._event = asyncio.Event()
+        self._scheduled = False
+
+    def notify_threadsafe(self, _index: int) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        self._scheduled = False
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout_s: float) -> None:
+        event = self._event
+        try:
+            await asyncio.wait_for(event.wait(), timeout_s)
+        except TimeoutError:
+            pass
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(
+        self,
+        *,
+        fsm: CoordinatorFSM,
+        fsm_lock: Any,
+        proposer: Proposer,
+        waiters: AppliedWaiters,
+        limits: Limits,
+        node_status: Callable[[bool], pb.NodeStatus],
+    ) -> None:
+        self._fsm = fsm
+        self._lock = fsm_lock
+        self._proposer = proposer
+        self._waiters = waiters
+        self._limits = limits
+        self._node_status = node_status
+
+    # -- helpers -------------------------------------------------------------------------
+    async def _abort(self, context: grpc.aio.ServicerContext, code: str, message: str) -> None:
+        await context.abort(STATUS_CODES.get(code, grpc.StatusCode.INTERNAL), message)
+
+    async def _propose(self, command: dict[str, Any], context: grpc.aio.ServicerContext) -> Any:
+        remaining = context.time_remaining()
+        try:
+            result = await self._proposer.propose(command, remaining)
+        except ProposeError as exc:
+            await self._abort(context, exc.code, str(exc))
+        if not result.ok:
+            await self._abort(context, result.code, result.message)
+        return result.value
+
+    async def _barrier(self, consistency: int, context: grpc.aio.ServicerContext) -> None:
+        if consistency == pb.CONSISTENCY_LINEARIZABLE:
+            await self._propose(cmd.noop(), context)
+
+    def _task_exists(self, task_id: str) -> bool:
+        return task_id in self._fsm.tasks
+
+    # -- tasks ---------------------------------------------------------------------------
+    async def SubmitTask(self, request: pb.SubmitTaskRequest, context) -> pb.SubmitTaskResponse:  # noqa: N802
+        value = await self._submit([request.task], request.idempotency_key, context, single=True)
+        return pb.SubmitTaskResponse(task_id=value["ids"][0], duplicate=value["duplicate"], index=value["index"])
+
+    async def SubmitDag(self, request: pb.SubmitDagRequest, context) -> pb.SubmitDagResponse:  # noqa: N802
+        value = await self._submit(list(request.tasks), request.idempotency_key, context, single=False)
+        ids = value["ids"]
+        names = {spec.name: task_id for spec, task_id in zip(request.tasks, ids, strict=False) if spec.name}
+        return pb.SubmitDagResponse(task_ids=names, ordered_ids=ids, duplicate=value["duplicate"], index=value["index"])
+
+    async def _submit(self, specs: list[pb.TaskSpec], key: str, context, *, single: bool) -> dict[str, Any]:
+        try:
+            idempotency_key = check_idempotency_key(key, self._limits)
+            if idempotency_key is not None:
+                # Fast path; `apply` is the authority (two racing retries both reach it).
+                seen = self._fsm.idempotent_result(idempotency_key)
+                if seen is not None:
+                    return {"ids": list(seen[1]), "duplicate": True, "index": seen[0]}
+            stamp = now_ms()
+            rows, _ = build_task_specs(
+                [task_input_from_pb(spec) for spec in specs], now_ms=stamp, new_id=new_task_id,
+                task_exists=self._task_exists, limits=self._limits, field_prefix="task" if single else "tasks",
+                single=single,
+            )
+        except CoordinatorError as exc:
+            await self._abort(context, exc.code, exc.message)
+        return await self._propose(cmd.submit_tasks(stamp, rows, idempotency_key), context)
+
+    async def GetTask(self, request: pb.GetTaskRequest, context) -> pb.Task:  # noqa: N802
+        await self._barrier(request.consistency, context)
+        record = self._fsm.tasks.get(request.task_id)
+        if record is None:
+            await self._abort(context, "NOT_FOUND", f"task_id: no task {request.task_id[:80]!r}")
+        return task_to_pb(record)
+
+    async def ListTasks(self, request: pb.ListTasksRequest, context) -> pb.ListTasksResponse:  # noqa: N802
+        limit = request.limit or LIST_LIMIT_DEFAULT
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            await self._abort(context, "INVALID_ARGUMENT", f"limit: must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
+        valid = {s.value for s in TaskStatus}
+        statuses = set(request.status)
+        unknown = statuses - valid
+        if unknown:
+            await self._abort(context, "INVALID_ARGUMENT", f"status: unknown {sorted(unknown)}; one of {sorted(valid)}")
+        await self._barrier(request.consistency, context)
+        with self._lock:
+            records = list(self._fsm.tasks.values())
+        started = not request.after_id
+        out: list[pb.Task] = []
+        total = 0
+        next_after = ""
+        for record in records:
+            if not started:
+                started = record.id == request.after_id
+                continue
+            if statuses and record.status not in statuses:
+                continue
+            if request.type and record.type != request.type:
+                continue
+            total += 1
+            if len(out) < limit:
+                out.append(task_to_pb(record))
+            elif not next_after:
+                next_after = out[-1].id
+        return pb.ListTasksResponse(tasks=out, next_after_id=next_after, total_matching=total)
+
+    async def CancelTask(self, request: pb.CancelTaskRequest, context) -> pb.CancelTaskResponse:  # noqa: N802
+        if len(request.reason.encode()) > self._limits.cancel_reason_bytes_max:
+            await self._abort(context, "INVALID_ARGUMENT", f"reason: at most {self._limits.cancel_reason_bytes_max} bytes")
+        if request.task_id not in self._fsm.tasks:
+            await self._abort(context, "NOT_FOUND", f"task_id: no task {request.task_id[:80]!r}")
+        await self._propose(cmd.cancel_task(now_ms(), request.task_id, request.reason), context)
+        return pb.CancelTaskResponse(task=task_to_pb(self._fsm.tasks[request.task_id]))
+
+    async def WaitTasks(self, request: pb.WaitTasksRequest, context) -> pb.WaitTasksResponse:  # noqa: N802
+        ids = list(dict.fromkeys(request.task_ids))
+        if not ids or len(ids) > WAIT_TASKS_MAX:
+            await self._abort(context, "INVALID_ARGUMENT", f"task_ids: 1..{WAIT_TASKS_MAX} ids, got {len(ids)}")
+        missing = [task_id for task_id in ids if task_id not in self._fsm.tasks]
+        if missing:
+            await self._abort(context, "NOT_FOUND", f"task_ids: no task {missing[0][:80]!r}")
+        timeout_s = request.timeout_s or WAIT_TIMEOUT_S_DEFAULT
+        if not 0 < timeout_s <= WAIT_TIMEOUT_S_MAX:
+            await self._abort(context, "INVALID_ARGUMENT", f"timeout_s: must be in (0, {WAIT_TIMEOUT_S_MAX}], got {timeout_s}")
+        deadline = time.monotonic() + timeout_s
+        while True:
+            records = [self._fsm.tasks[task_id] for task_id in ids]
+            all_final = all(record.status in FINAL_STATUSES for record in records)
+            remaining = deadline - time.monotonic()
+            if all_final or remaining <= 0:
+                return pb.WaitTasksResponse(tasks=[task_to_pb(r) for r in records], all_final=all_final)
+            await self._waiters.wait(min(remaining, WATCH_IDLE_RECHECK_S))
+
+    # -- executors -----------------------------------------------------------------------
+    async def RegisterExecutor(self, request: pb.RegisterExecutorRequest, context) -> pb.RegisterExecutorResponse:  # noqa: N802
+        spec = request.executor
+        try:
+            if len(self._fsm.executors) >= self._limits.executors_max and spec.id not in self._fsm.executors:
+                raise InvalidArgument(f"executor: at most {self._limits.executors_max} executors are registered")
+            payload = build_executor_spec(
+                ExecutorInput(
+                    name=spec.name, type=spec.type, id=spec.id, supported_task_types=list(spec.supported_task_types),
+                    input_schema_json=spec.input_schema_json, output_schema_json=spec.output_schema_json,
+                    performance_profile_json=spec.performance_profile_json,
+                    context_window_size=spec.context_window_size, capacity=spec.capacity or 1,
+                    metadata=dict(spec.metadata),
+                ),
+                new_id=new_executor_id, limits=self._limits,
+            )
+        except CoordinatorError as exc:
+            await self._abort(context, exc.code, exc.message)
+        value = await self._propose(cmd.register_executor(now_ms(), payload), context)
+        return pb.RegisterExecutorResponse(executor_id=value["id"], index=value["index"])
+
+    async def UnregisterExecutor(self, request, context) -> pb.UnregisterExecutorResponse:  # noqa: N802
+        value = await self._propose(cmd.unregister_executor(now_ms(), request.executor_id), context)
+        return pb.UnregisterExecutorResponse(index=value["index"])
+
+    async def ListExecutors(self, request: pb.ListExecutorsRequest, context) -> pb.ListExecutorsResponse:  # noqa: N802
+        await self._barrier(request.consistency, context)
+        with self._lock:
+            records = list(self._fsm.executors.values())
+        return pb.ListExecutorsResponse(executors=[executor_to_pb(r) for r in records])
+
+    # -- cluster -------------------------------------------------------------------------
+    async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:  # noqa: N802
+        return pb.ClusterStatusResponse(node=self._node_status(request.include_state_hash))
+
+    async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.Event]:  # noqa: N802
+        kinds = set(request.kinds)
+        if request.from_index < 0:
+            await self._abort(context, "INVALID_ARGUMENT", "from_index: must be >= 0")
+        cursor_index = request.from_index or self._fsm.last_applied_index + 1
+        cursor_seq = -1  # resume inside an index: a DAG submission emits thousands of events at one index
+        while True:
+            try:
+                with self._lock:
+                    events = self._fsm.events_from(cursor_index, WATCH_BATCH_EVENTS_MAX, cursor_seq)
+            except CoordinatorError as exc:
+                await self._abort(context, exc.code, exc.message)
+            if not events:
+                await self._waiters.wait(WATCH_IDLE_RECHECK_S)
+                continue
+            for event in events:
+                if kinds and event[2] not in kinds:
+                    continue
+                yield pb.Event(index=event[0], seq=event[1], kind=event[2], task_id=event[3], executor_id=event[4],
+                               time_unix_ms=event[5], data_json=event[6])
+            cursor_index, cursor_seq = events[-1][0], events[-1][1]
+

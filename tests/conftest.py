@@ -1,0 +1,39 @@
+"""Shared fixtures. Cluster tests start real node processes on 127.0.0.1 (free ports) and always
+stop them by PID, whatever the test did."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from cluster.local import LocalCluster
+
+os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
+
+
+@pytest.fixture
+def make_cluster(tmp_path) -> Iterator:
+    started: list[LocalCluster] = []
+
+    def make(nodes: int = 3, *, env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+             subdir: str = "cluster", up: bool = True) -> LocalCluster:
+        cluster = LocalCluster(str(tmp_path / subdir), env=env, extra_args=extra_args)
+        started.append(cluster)
+        if up:
+            cluster.up(nodes, wait_leader_s=30)
+        else:
+            cluster.init(nodes)
+        return cluster
+
+    try:
+        yield make
+    finally:
+        for cluster in started:
+            cluster.down()
+
+
+@pytest.fixture
+def cluster3(make_cluster) -> LocalCluster:
+    return make_cluster(3)
