@@ -16,8 +16,10 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
 
+import grpc
 import typer
 import yaml
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
@@ -40,8 +42,9 @@ app.add_typer(dag_app, name="dag")
 app.add_typer(events_app, name="events")
 app.add_typer(executor_app, name="executor")
 
-console = Console()
-err_console = Console(stderr=True)
+# Piped output keeps full columns instead of the 80-column fallback.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 DAG_FILE_BYTES_MAX = 32 << 20
 
@@ -79,12 +82,24 @@ def fmt_ms(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
 
 
+_INT64_TYPES = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_SINT64,
+                FieldDescriptor.TYPE_FIXED64, FieldDescriptor.TYPE_SFIXED64}
+
+
+def to_plain(message: Any) -> dict[str, Any]:
+    """A message as JSON-ready data with every field present and 64-bit integers as numbers
+    (protobuf's JSON mapping would print them as strings)."""
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    for field in message.DESCRIPTOR.fields:
+        if field.type in _INT64_TYPES and not field.is_repeated:
+            data[field.name] = int(data.get(field.name) or 0)
+    return data
+
+
 def task_dict(task: pb.Task) -> dict[str, Any]:
-    data = MessageToDict(task, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    data = to_plain(task)
     data["input"] = json.loads(task.input_json) if task.input_json else None
     del data["input_json"]
-    for key in ("deadline_unix_ms", "created_at_unix_ms", "updated_at_unix_ms", "created_index"):
-        data[key] = int(data.get(key) or 0)
     return data
 
 
@@ -155,14 +170,17 @@ def cluster_down(data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None
 def cluster_status(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
     """Per node: id, address, role, term, commit and applied index, pid, health."""
     eps = call(resolve_endpoints, endpoints, data_dir)
+    local = LocalCluster(data_dir or default_data_dir())
+    known_ids = {n.grpc_address: n.id for n in local.nodes}
     client = CoordinatorClient(eps)
     rows = []
     for endpoint in eps:
         try:
             node = client.status(endpoint)
-            rows.append(MessageToDict(node, preserving_proto_field_name=True, always_print_fields_with_no_presence=True))
-        except Exception as exc:  # a down node is a row, not a failure
-            rows.append({"grpc_address": endpoint, "role": "unreachable", "healthy": False, "error": str(exc)[:200]})
+            rows.append(to_plain(node))
+        except grpc.RpcError as exc:  # a down node is a row, not a failure
+            rows.append({"node_id": known_ids.get(endpoint, "?"), "grpc_address": endpoint, "role": "unreachable",
+                         "healthy": False, "error": str(exc)[:200]})
     client.close()
     if output == Output.json:
         emit_json({"nodes": rows})
@@ -414,13 +432,11 @@ def events_watch(
     output: Output = OutputOpt,
 ) -> None:
     """Stream committed domain events from any node."""
-    import grpc
-
     client = client_for(endpoints, data_dir)
     seen = 0
     try:
         for event in client.watch(from_index, kind, timeout_s=timeout or None):
-            data = MessageToDict(event, preserving_proto_field_name=True)
+            data = to_plain(event)
             if output == Output.json:
                 sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")
                 sys.stdout.flush()
@@ -445,7 +461,7 @@ def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, out
     """List registered executors."""
     with client_for(endpoints, data_dir) as client:
         response = call(client.call, "ListExecutors", pb.ListExecutorsRequest())
-    rows = [MessageToDict(e, preserving_proto_field_name=True) for e in response.executors]
+    rows = [to_plain(e) for e in response.executors]
     if output == Output.json:
         emit_json({"executors": rows})
         return
