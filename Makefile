@@ -30,7 +30,9 @@ test: venv proto
 test-fast: venv proto
 	$(PY) -m pytest -q tests -m "not cluster and not chaos"
 
+# etcd 3.4 is the peer we compare against; Debian packages it as etcd-server.
 bench: venv proto
+	command -v etcd >/dev/null || (apt-get update -q && apt-get install -y -q etcd-server)
 	$(PY) -m benchmarks.run_all
 
 clean:

@@ -28,6 +28,7 @@ import pysyncobj.syncobj as _syncobj_module
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON, SERIALIZER_STATE
 
+from coordinator.errors import InvariantViolation, UnknownCommand
 from coordinator.fsm import ApplyResult, CoordinatorFSM
 from wal.journal import LmdbJournal
 from wal.snapshot import fsync_dir, read_snapshot, write_snapshot
@@ -35,6 +36,8 @@ from wal.snapshot import fsync_dir, read_snapshot, write_snapshot
 log = logging.getLogger("coordinator.raft")
 
 _construct_lock = threading.Lock()
+
+EXIT_CANNOT_APPLY = 70  # EX_SOFTWARE
 
 ROLE_NAMES = {0: "follower", 1: "candidate", 2: "leader"}
 
@@ -216,8 +219,15 @@ class RaftLog(SyncObj):
     @replicated
     def apply_entry(self, payload: bytes) -> list[ApplyResult]:
         index = self.raftLastApplied + 1
-        with self._fsm_lock:
-            results = self._fsm.apply_entry(index, payload)
+        try:
+            with self._fsm_lock:
+                results = self._fsm.apply_entry(index, payload)
+        except (UnknownCommand, InvariantViolation):
+            # A node that cannot apply the committed log must stop rather than diverge or retry
+            # the same entry forever; its journal is durable, so a fixed build resumes from here.
+            log.critical("cannot apply log entry %d; stopping this node", index, exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_CANNOT_APPLY)
         if self._on_applied is not None:
             self._on_applied(index)
         return results
