@@ -22,7 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-from coordinator.commands import command_bytes, encode_entry
+from coordinator.commands import encode_command, join_entry
 from coordinator.fsm import ApplyResult
 from cluster.raft import FAIL_NAMES, NOT_APPLIED, RaftLog
 
@@ -56,11 +56,11 @@ class ProposerLimits:
 
 
 class _Pending:
-    __slots__ = ("command", "size", "future", "deadline")
+    __slots__ = ("encoded", "size", "future", "deadline")
 
-    def __init__(self, command: dict[str, Any], size: int, future: asyncio.Future, deadline: float) -> None:
-        self.command = command
-        self.size = size
+    def __init__(self, encoded: bytes, future: asyncio.Future, deadline: float) -> None:
+        self.encoded = encoded
+        self.size = len(encoded)
         self.future = future
         self.deadline = deadline
 
@@ -81,7 +81,8 @@ class Proposer:
         self._retry_handle: asyncio.TimerHandle | None = None
 
     async def propose(self, command: dict[str, Any], timeout_s: float | None = None) -> ApplyResult:
-        size = command_bytes(command)
+        encoded = encode_command(command)  # once: the entry is joined from these bytes
+        size = len(encoded)
         limits = self.limits
         if self.commands_in_flight >= limits.commands_in_flight_max or self.bytes_in_flight + size > limits.bytes_in_flight_max:
             raise Overloaded(
@@ -91,23 +92,29 @@ class Proposer:
             )
         timeout = min(timeout_s or limits.propose_timeout_s, limits.propose_timeout_s)
         future = self._loop.create_future()
-        item = _Pending(command, size, future, time.monotonic() + timeout)
+        item = _Pending(encoded, future, time.monotonic() + timeout)
         self.commands_in_flight += 1
         self.bytes_in_flight += size
         self._pending.append(item)
         self._pending_bytes += size
+        # A timer rather than asyncio.wait_for: no extra task per command on the hot path.
+        timer = self._loop.call_later(timeout, self._expire, future, timeout)
         self._pump()
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout)
-        except TimeoutError:
-            raise ProposeTimeout(
-                f"not committed within {timeout:.1f} s; the outcome is unknown — retry with the same idempotency key"
-            ) from None
+            return await future
         finally:
+            timer.cancel()
             if not future.done():
                 future.cancel()
             self.commands_in_flight -= 1
             self.bytes_in_flight -= size
+
+    @staticmethod
+    def _expire(future: asyncio.Future, timeout: float) -> None:
+        if not future.done():
+            future.set_exception(ProposeTimeout(
+                f"not committed within {timeout:.1f} s; the outcome is unknown — retry with the same idempotency key"
+            ))
 
     # -- batching ------------------------------------------------------------------------
     def _pump(self) -> None:
@@ -132,7 +139,7 @@ class Proposer:
             entry_id = self._next_entry_id
             self._next_entry_id += 1
             self._in_flight[entry_id] = (batch, now)
-            payload = encode_entry([item.command for item in batch])
+            payload = join_entry([item.encoded for item in batch])
             self.entries_proposed += 1
             self.commands_proposed += len(batch)
             self._raft.apply_entry(payload, callback=self._callback_for(entry_id))

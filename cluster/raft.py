@@ -16,7 +16,6 @@ applied is `raftLastApplied + 1` at that moment (it increments after the call re
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import threading
@@ -47,12 +46,7 @@ NOT_APPLIED = frozenset({FAIL_REASON.QUEUE_FULL, FAIL_REASON.MISSING_LEADER, FAI
 FAIL_NAMES = {v: k for k, v in vars(FAIL_REASON).items() if not k.startswith("_")}
 
 
-def _entry_to_json(entry: tuple[bytes, int, int]) -> list[Any]:
-    return [base64.b64encode(entry[0]).decode(), entry[1], entry[2]]
-
-
-def _entry_from_json(item: list[Any]) -> tuple[bytes, int, int]:
-    return (base64.b64decode(item[0]), int(item[1]), int(item[2]))
+SNAPSHOT_RETRY_AFTER_FAILURE_S = 5.0
 
 
 class SnapshotSerializer:
@@ -71,6 +65,7 @@ class SnapshotSerializer:
         self._thread: threading.Thread | None = None
         self._outcome: int | None = None  # SUCCESS / FAILED once the thread is done
         self._current_id: int | None = None
+        self._retry_not_before = 0.0
         self._transmissions: dict[Any, dict[str, Any]] = {}
         self._incoming: Any = None
         self.snapshots_written = 0
@@ -89,39 +84,53 @@ class SnapshotSerializer:
         return (outcome if outcome is not None else SERIALIZER_STATE.FAILED), self._current_id
 
     def serialize(self, data: tuple, id: int) -> None:  # noqa: A002
-        if self._thread is not None:
+        # pysyncobj asks again on every tick after a failure; a failing disk gets a pause.
+        if self._thread is not None or time.monotonic() < self._retry_not_before:
             return
         _, last_entry, prev_entry, cluster = data
         with self._fsm_lock:
             view = self._fsm.snapshot_view()
+        # The two log entries pysyncobj keeps with a snapshot can be megabytes (a DAG): they go
+        # into records of their own, the header keeps only their index and term.
         header = {
-            "last_entry": _entry_to_json(last_entry),
-            "prev_entry": _entry_to_json(prev_entry),
+            "last_entry": [last_entry[1], last_entry[2]],
+            "prev_entry": [prev_entry[1], prev_entry[2]],
             "cluster": sorted(getattr(node, "id", str(node)) for node in cluster),
             "last_applied_index": view.header["last_applied_index"],
         }
+        entries = (bytes(prev_entry[0]), bytes(last_entry[0]))
         self._current_id = id
-        self._thread = threading.Thread(target=self._write, args=(header, view), name="snapshot-writer", daemon=True)
+        self._thread = threading.Thread(target=self._write, args=(header, entries, view), name="snapshot-writer",
+                                        daemon=True)
         self._thread.start()
 
-    def _write(self, header: dict[str, Any], view: Any) -> None:
+    def _write(self, header: dict[str, Any], entries: tuple[bytes, bytes], view: Any) -> None:
         started = time.monotonic()
+
+        def records():
+            yield from entries
+            yield from CoordinatorFSM.snapshot_chunks(view)
+
         try:
-            size = write_snapshot(self._path, header, CoordinatorFSM.snapshot_chunks(view))
+            size = write_snapshot(self._path, header, records())
             self.last_snapshot_bytes = size
             self.snapshots_written += 1
             self._outcome = SERIALIZER_STATE.SUCCESS
         except Exception:
-            log.exception("snapshot write failed")
+            log.exception("snapshot write failed; next attempt in %.0f s", SNAPSHOT_RETRY_AFTER_FAILURE_S)
+            self._retry_not_before = time.monotonic() + SNAPSHOT_RETRY_AFTER_FAILURE_S
             self._outcome = SERIALIZER_STATE.FAILED
         self.last_snapshot_seconds = time.monotonic() - started
 
     # -- loading ------------------------------------------------------------------------
     def deserialize(self) -> tuple:
-        header, chunks = read_snapshot(self._path)  # raises SnapshotCorrupt: never load bad state
+        header, records = read_snapshot(self._path)  # raises SnapshotCorrupt: never load bad state
+        prev_command, last_command = records[0], records[1]
         with self._fsm_lock:
-            self._fsm.restore_chunks(chunks)
-        return (None, _entry_from_json(header["last_entry"]), _entry_from_json(header["prev_entry"]), header["cluster"])
+            self._fsm.restore_chunks(records[2:])
+        last_index, last_term = header["last_entry"]
+        prev_index, prev_term = header["prev_entry"]
+        return (None, (last_command, last_index, last_term), (prev_command, prev_index, prev_term), header["cluster"])
 
     # -- shipping to lagging followers (same protocol as pysyncobj's file case) ----------
     def getTransmissionData(self, transmission_id: Any) -> Any:  # noqa: N802
@@ -208,6 +217,7 @@ class RaftLog(SyncObj):
                 super().__init__(self_address, peer_addresses, conf=conf, transportClass=transport_class)
             finally:
                 _syncobj_module.createJournal = original
+        self._transport = self._SyncObj__transport
         self.serializer = SnapshotSerializer(snapshot_path, fsm, fsm_lock, conf.logCompactionBatchSize)
         self._SyncObj__serializer = self.serializer  # the one documented reach into pysyncobj's state
         self._stopping = threading.Event()
@@ -243,9 +253,10 @@ class RaftLog(SyncObj):
         while not self._stopping.is_set():
             try:
                 self.doTick(self._tick_s)
-                # The leader counts itself in every majority: its own entries must be durable
-                # before a later tick can commit them, even when no message was sent.
-                self._journal.flush()
+                # One fsync for everything this tick wrote, then the acknowledgements that waited
+                # for it. The leader counts itself in every majority at the start of the next
+                # tick, so its own entries are durable by then too.
+                self._transport.flush_and_drain()
                 if self._journal.bytes_total > self._journal_bytes_compact:
                     self.forceLogCompaction()
                 now = time.monotonic()

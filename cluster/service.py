@@ -4,6 +4,8 @@ convert. Time and ids are stamped here, by the proposer, before anything reaches
 from __future__ import annotations
 
 import asyncio
+import itertools
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -45,8 +47,19 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def new_task_id() -> str:
-    return "t-" + uuid.uuid4().hex[:20]
+class TaskIds:
+    """Task ids: a random 64-bit prefix drawn once per process plus a counter — unique across
+    nodes and restarts without a uuid4 per task (apply still rejects a duplicate id)."""
+
+    def __init__(self) -> None:
+        self._prefix = "t-" + os.urandom(8).hex()
+        self._next = itertools.count(1).__next__
+
+    def __call__(self) -> str:
+        return f"{self._prefix}{self._next():06x}"
+
+
+new_task_id = TaskIds()
 
 
 def new_executor_id() -> str:

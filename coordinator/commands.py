@@ -55,6 +55,16 @@ def encode_entry(commands: list[dict[str, Any]]) -> bytes:
     return bytes((ENTRY_FORMAT_V1,)) + _encoder.encode(commands).encode()
 
 
+def encode_command(command: dict[str, Any]) -> bytes:
+    """One command's encoding; `join_entry` builds an entry from these without re-encoding."""
+    return _encoder.encode(command).encode()
+
+
+def join_entry(encoded_commands: list[bytes]) -> bytes:
+    """The same bytes as encode_entry(commands), from commands encoded one by one."""
+    return bytes((ENTRY_FORMAT_V1,)) + b"[" + b",".join(encoded_commands) + b"]"
+
+
 def decode_entry(payload: bytes) -> list[dict[str, Any]]:
     if not payload or payload[0] != ENTRY_FORMAT_V1:
         version = payload[0] if payload else None
@@ -84,7 +94,3 @@ def register_executor(now_ms: int, executor: dict[str, Any]) -> dict[str, Any]:
 def unregister_executor(now_ms: int, executor_id: str) -> dict[str, Any]:
     return {"t": CommandType.UNREGISTER_EXECUTOR, "now": now_ms, "id": executor_id}
 
-
-def command_bytes(command: dict[str, Any]) -> int:
-    """Encoded size of one command, for batch byte bounds."""
-    return len(_encoder.encode(command).encode())

@@ -25,7 +25,7 @@ import hashlib
 import json
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 from coordinator.commands import CommandType, decode_entry
 from coordinator.dag import find_cycle
@@ -40,69 +40,50 @@ FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-class TaskRecord:
-    """One task as the state machine keeps it: slotted, immutable by convention, compact."""
+class TaskRecord(NamedTuple):
+    """One task as the state machine keeps it: an immutable tuple (cheap to build for a
+    10,000-task DAG, ~150 bytes of overhead per task); updates go through `replace`."""
 
-    __slots__ = (
-        "id",
-        "name",
-        "type",
-        "description",
-        "input_json",
-        "priority",
-        "deadline_ms",
-        "dependencies",
-        "max_attempts",
-        "metadata",
-        "status",
-        "assigned_executor",
-        "created_at_ms",
-        "updated_at_ms",
-        "created_index",
-        "cancel_reason",
-    )
-
-    def __init__(self, *values: Any) -> None:
-        for name, value in zip(self.__slots__, values, strict=True):
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("TaskRecord is immutable; use replace()")
+    id: str
+    name: str
+    type: str
+    description: str
+    input_json: str
+    priority: int
+    deadline_ms: int
+    dependencies: tuple[str, ...]
+    max_attempts: int
+    metadata: dict[str, str] | None
+    status: str
+    assigned_executor: str | None
+    created_at_ms: int
+    updated_at_ms: int
+    created_index: int
+    cancel_reason: str
 
     def row(self) -> list[Any]:
-        return [getattr(self, name) for name in self.__slots__]
+        return list(self)
 
     def replace(self, **changes: Any) -> TaskRecord:
-        values = [changes.pop(name, getattr(self, name)) for name in self.__slots__]
-        invariant(not changes, f"unknown TaskRecord fields {sorted(changes)}")
-        return TaskRecord(*values)
+        return self._replace(**changes)
 
 
-class ExecutorRecord:
-    __slots__ = (
-        "id",
-        "name",
-        "type",
-        "task_types",
-        "capacity",
-        "status",
-        "registered_at_ms",
-        "input_schema_json",
-        "output_schema_json",
-        "performance_profile_json",
-        "context_window_size",
-        "metadata",
-    )
-
-    def __init__(self, *values: Any) -> None:
-        for name, value in zip(self.__slots__, values, strict=True):
-            object.__setattr__(self, name, value)
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        raise AttributeError("ExecutorRecord is immutable")
+class ExecutorRecord(NamedTuple):
+    id: str
+    name: str
+    type: str
+    task_types: tuple[str, ...]
+    capacity: int
+    status: str
+    registered_at_ms: int
+    input_schema_json: str
+    output_schema_json: str
+    performance_profile_json: str
+    context_window_size: int
+    metadata: dict[str, str] | None
 
     def row(self) -> list[Any]:
-        return [getattr(self, name) for name in self.__slots__]
+        return list(self)
 
 
 class ApplyResult:

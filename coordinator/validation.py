@@ -42,6 +42,9 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
+_strict_json = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def _check_json(text: str, where: str, bytes_max: int) -> str:
     if not text:
         return "null"
@@ -49,7 +52,7 @@ def _check_json(text: str, where: str, bytes_max: int) -> str:
     if size > bytes_max:
         raise InvalidArgument(f"{where}: at most {bytes_max} bytes, got {size}")
     try:
-        json.loads(text, parse_constant=_reject_constant)
+        _strict_json.decode(text)
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"{where}: not valid JSON ({exc})") from None
     return text

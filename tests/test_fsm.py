@@ -105,6 +105,18 @@ def test_events_numbered_by_index_and_compacted() -> None:
     assert fsm.events_from(5, 100) == []
 
 
+def test_entry_joined_from_encoded_commands_equals_encoded_entry() -> None:
+    commands = [cmd.submit_tasks(1, [task_row("a", ["b"])], "k"), cmd.noop(), cmd.cancel_task(2, "a", "é")]
+    assert cmd.join_entry([cmd.encode_command(c) for c in commands]) == encode_entry(commands)
+
+
+def test_records_are_immutable() -> None:
+    fsm = CoordinatorFSM()
+    fsm.apply(2, cmd.submit_tasks(1, [task_row("a")], None))
+    with pytest.raises(AttributeError):
+        fsm.tasks["a"].status = "completed"  # type: ignore[misc]
+
+
 def test_unknown_command_fails_loudly_unless_ignorable() -> None:
     fsm = CoordinatorFSM()
     with pytest.raises(UnknownCommand):

@@ -240,15 +240,31 @@ def transport_and_events(monkeypatch):
 
 def test_flush_precedes_every_durable_message_and_only_those(transport_and_events):
     _, transport, peer, events = transport_and_events
-    assert DURABLE_BEFORE_SEND_TYPES == {"append_entries", "next_node_idx", "request_vote", "response_vote"}
+    assert DURABLE_BEFORE_SEND_TYPES == {"next_node_idx", "request_vote", "response_vote"}
     for message_type in sorted(DURABLE_BEFORE_SEND_TYPES):
         events.clear()
         assert transport.send(peer, {"type": message_type})
+        assert events == [], message_type  # held back until the next flush
+        transport.flush_and_drain()
         assert events == ["flush", ("send", message_type)], message_type
-    for message_type in ("apply_command", "apply_command_response", "timeout_now", KEEPALIVE_MESSAGE_TYPE):
+    for message_type in ("append_entries", "apply_command", "apply_command_response", "timeout_now",
+                         KEEPALIVE_MESSAGE_TYPE):
         events.clear()
         assert transport.send(peer, {"type": message_type})
         assert events == [("send", message_type)], message_type
+
+
+def test_acks_are_group_committed_and_keep_their_order(transport_and_events):
+    _, transport, peer, events = transport_and_events
+    transport.send(peer, {"type": "next_node_idx", "n": 1})
+    transport.send(peer, {"type": "apply_command"})  # queues behind the ack: per-peer order holds
+    transport.send(peer, {"type": "next_node_idx", "n": 2})
+    assert events == []
+    transport.flush_and_drain()
+    assert events == ["flush", ("send", "next_node_idx"), ("send", "apply_command"), ("send", "next_node_idx")]
+    events.clear()
+    transport.flush_and_drain()  # nothing queued: the flush still runs (the leader's own entries)
+    assert events == ["flush"]
 
 
 def test_journal_without_flush_is_fine(monkeypatch):
