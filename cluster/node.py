@@ -32,7 +32,6 @@ from coordinator.limits import Limits
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
 from wal.journal import LmdbJournal
-from wal.snapshot import read_snapshot
 
 log = logging.getLogger("coordinator.node")
 
@@ -107,8 +106,6 @@ class Node:
         config = self.config
         me = config.me
         wal_path, snapshot_path = self._paths()
-        if os.path.exists(snapshot_path):
-            read_snapshot(snapshot_path)  # refuse to start on a corrupt snapshot: SnapshotCorrupt names it
         self.journal = LmdbJournal(wal_path)
         waiters = AppliedWaiters(loop)
         conf_kwargs = recommended_conf_kwargs()

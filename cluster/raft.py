@@ -66,6 +66,7 @@ class SnapshotSerializer:
         self._outcome: int | None = None  # SUCCESS / FAILED once the thread is done
         self._current_id: int | None = None
         self._retry_not_before = 0.0
+        self._preloaded: tuple[dict, list[bytes]] | None = None
         self._transmissions: dict[Any, dict[str, Any]] = {}
         self._incoming: Any = None
         self.snapshots_written = 0
@@ -123,8 +124,17 @@ class SnapshotSerializer:
         self.last_snapshot_seconds = time.monotonic() - started
 
     # -- loading ------------------------------------------------------------------------
+    def preload(self) -> None:
+        """Read and verify the snapshot before Raft starts, so a corrupt one stops the node with a
+        clear error (pysyncobj would log and carry on without it); the first load reuses it."""
+        if os.path.exists(self._path):
+            self._preloaded = read_snapshot(self._path)
+
     def deserialize(self) -> tuple:
-        header, records = read_snapshot(self._path)  # raises SnapshotCorrupt: never load bad state
+        if self._preloaded is not None:
+            (header, records), self._preloaded = self._preloaded, None
+        else:
+            header, records = read_snapshot(self._path)  # raises SnapshotCorrupt: never load bad state
         prev_command, last_command = records[0], records[1]
         with self._fsm_lock:
             self._fsm.restore_chunks(records[2:])
@@ -217,9 +227,12 @@ class RaftLog(SyncObj):
                 super().__init__(self_address, peer_addresses, conf=conf, transportClass=transport_class)
             finally:
                 _syncobj_module.createJournal = original
+        # The two reaches into pysyncobj's private state (pinned to 0.3.17): our tick loop drives
+        # the transport's outbox, and our serializer replaces its Serializer object.
         self._transport = self._SyncObj__transport
         self.serializer = SnapshotSerializer(snapshot_path, fsm, fsm_lock, conf.logCompactionBatchSize)
-        self._SyncObj__serializer = self.serializer  # the one documented reach into pysyncobj's state
+        self.serializer.preload()
+        self._SyncObj__serializer = self.serializer
         self._stopping = threading.Event()
         self._tick_thread = threading.Thread(target=self._tick_loop, name="raft-tick", daemon=True)
         self.status_cache: dict[str, Any] = {}
