@@ -210,14 +210,18 @@ def node_run(
                                                    help="snapshot and compact after this many log entries"),
     log_compaction_min_time_s: float = typer.Option(300.0, "--log-compaction-min-time-s",
                                                     help="or after this many seconds"),
+    commands_in_flight_max: int = typer.Option(20_000, "--commands-in-flight-max",
+                                               help="beyond this, writes get RESOURCE_EXHAUSTED"),
 ) -> None:
     """Run one coordinator node in the foreground (for real deployments and `cluster up`)."""
     from cluster.node import NodeConfig, load_cluster_file, load_secret, run_node
+    from cluster.proposer import ProposerLimits
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     config = NodeConfig(node_id=node_id, nodes=load_cluster_file(cluster_file), data_dir=data_dir,
                         secret=load_secret(secret_file), log_compaction_min_entries=log_compaction_min_entries,
-                        log_compaction_min_time_s=log_compaction_min_time_s)
+                        log_compaction_min_time_s=log_compaction_min_time_s,
+                        proposer=ProposerLimits(commands_in_flight_max=commands_in_flight_max))
     try:
         config.me  # noqa: B018 (validates node_id early with a clear message)
     except ValueError as exc:

@@ -157,3 +157,41 @@ def test_health_and_reflection(cluster3) -> None:
                                                   timeout=5)
             names = {s.name for r in responses for s in r.list_services_response.service}
             assert "agentcoordinator.v1.Coordinator" in names and "grpc.health.v1.Health" in names
+
+
+def test_overload_is_pushed_back_with_resource_exhausted(make_cluster) -> None:
+    import asyncio
+    import uuid
+
+    from proto import coordinator_pb2_grpc as pb_grpc
+
+    cluster = make_cluster(3, extra_args=["--commands-in-flight-max", "4"], subdir="small")
+    endpoint = cluster.node(cluster.wait_leader()).grpc_address
+    codes: list[str] = []
+    acked: dict[str, str] = {}
+
+    async def flood() -> None:
+        async with grpc.aio.insecure_channel(endpoint) as channel:
+            stub = pb_grpc.CoordinatorStub(channel)
+
+            async def one(n: int) -> None:
+                key = f"flood-{n}-{uuid.uuid4().hex[:6]}"
+                for _ in range(200):  # bounded retries with the same key
+                    try:
+                        reply = await stub.SubmitTask(pb.SubmitTaskRequest(task=spec(), idempotency_key=key), timeout=10)
+                        acked[key] = reply.task_id
+                        return
+                    except grpc.aio.AioRpcError as exc:
+                        codes.append(exc.code().name)
+                        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                        assert "commands_in_flight_max=4" in exc.details()
+                        await asyncio.sleep(0.01)
+                raise AssertionError(f"{key} never got through")
+
+            await asyncio.gather(*(one(n) for n in range(64)))
+
+    asyncio.run(flood())
+    assert "RESOURCE_EXHAUSTED" in codes and len(acked) == 64
+    with CoordinatorClient([endpoint]) as client:
+        listed = client.list_tasks(limit=1000, consistency=pb.CONSISTENCY_LINEARIZABLE)
+    assert sorted(t.id for t in listed.tasks) == sorted(acked.values())
