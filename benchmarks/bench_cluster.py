@@ -39,7 +39,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from benchmarks.loadgen import REPO_ROOT, Result, machine_note, markdown_table, run_closed_loop, run_in_subprocess
 
@@ -81,40 +80,55 @@ def dag_request_bytes(n_tasks: int = DAG_TASKS_DEFAULT) -> bytes:
 # --------------------------------------------------------------------------- clients (own process)
 
 
-async def submit_client(
-    endpoints: list[str], concurrency: int, duration_s: float = 5.0, warmup_s: float = 1.0,
-    name: str = "SubmitTask", op_timeout_s: float = 5.0,
-) -> Result:
-    """``concurrency`` closed-loop workers; call n goes to ``endpoints[n % len(endpoints)]``."""
+async def _closed_loop_client(
+    endpoints: list[str], method: str, base: bytes, key_prefix: str, check, concurrency: int,
+    duration_s: float | None, warmup_s: float, count: int | None, name: str, op_timeout_s: float,
+    max_seconds: float,
+) -> tuple[Result, int]:
+    """Closed-loop workers sending the pre-serialized request `base` (plus a fresh idempotency
+    key) to ``endpoints[n % len(endpoints)]``; `check(reply_bytes)` validates each reply.
+    Returns the result and how many requests were started."""
     import grpc
 
-    from proto import coordinator_pb2 as pb
-
-    base = submit_task_request_bytes()
-    prefix = f"b{os.getpid()}-{time.monotonic_ns() % 10**9}-"
     channels = [grpc.aio.insecure_channel(e, options=GRPC_OPTIONS) for e in endpoints]
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)
-        calls = [ch.unary_unary(SERVICE + "SubmitTask", request_serializer=None, response_deserializer=None)
+        calls = [ch.unary_unary(SERVICE + method, request_serializer=None, response_deserializer=None)
                  for ch in channels]
         counter = [0]
 
         async def op() -> None:
             n = counter[0]
             counter[0] += 1
-            reply = await calls[n % len(calls)](base + _key_field(prefix + str(n)), timeout=op_timeout_s)
-            if not pb.SubmitTaskResponse.FromString(reply).task_id:
-                raise RuntimeError("no task id")
+            check(await calls[n % len(calls)](base + _key_field(key_prefix + str(n)), timeout=op_timeout_s))
 
         t_start = time.time()
-        r = await run_closed_loop(op, concurrency, duration_s=duration_s, warmup_s=warmup_s,
-                                  op_timeout_s=op_timeout_s, max_seconds=warmup_s + duration_s + 30, name=name)
+        r = await run_closed_loop(op, concurrency, duration_s=duration_s, count=count, warmup_s=warmup_s,
+                                  op_timeout_s=op_timeout_s, max_seconds=max_seconds, name=name)
         r.extra["window_unix"] = [t_start + warmup_s, t_start + warmup_s + r.seconds]
-        return r
+        return r, counter[0]
     finally:
         for ch in channels:
             await ch.close()
+
+
+async def submit_client(
+    endpoints: list[str], concurrency: int, duration_s: float = 5.0, warmup_s: float = 1.0,
+    name: str = "SubmitTask", op_timeout_s: float = 5.0,
+) -> Result:
+    """``concurrency`` closed-loop workers; call n goes to ``endpoints[n % len(endpoints)]``."""
+    from proto import coordinator_pb2 as pb
+
+    def check(reply: bytes) -> None:
+        if not pb.SubmitTaskResponse.FromString(reply).task_id:
+            raise RuntimeError("no task id")
+
+    prefix = f"b{os.getpid()}-{time.monotonic_ns() % 10**9}-"
+    r, _ = await _closed_loop_client(endpoints, "SubmitTask", submit_task_request_bytes(), prefix, check,
+                                     concurrency, duration_s, warmup_s, None, name, op_timeout_s,
+                                     warmup_s + duration_s + 30)
+    return r
 
 
 async def dag_client(
@@ -123,38 +137,19 @@ async def dag_client(
     op_timeout_s: float = 15.0, max_seconds: float = 120.0,
 ) -> Result:
     """``concurrency`` closed-loop workers each submitting ``dag_tasks``-task DAGs."""
-    import grpc
-
     from proto import coordinator_pb2 as pb
 
-    base = dag_request_bytes(dag_tasks)
+    def check(reply: bytes) -> None:
+        if len(pb.SubmitDagResponse.FromString(reply).ordered_ids) != dag_tasks:
+            raise RuntimeError("wrong number of ids")
+
     prefix = f"d{os.getpid()}-{time.monotonic_ns() % 10**9}-"
-    channels = [grpc.aio.insecure_channel(e, options=GRPC_OPTIONS) for e in endpoints]
-    try:
-        for ch in channels:
-            await asyncio.wait_for(ch.channel_ready(), 10)
-        calls = [ch.unary_unary(SERVICE + "SubmitDag", request_serializer=None, response_deserializer=None)
-                 for ch in channels]
-        counter = [0]
-
-        async def op() -> None:
-            n = counter[0]
-            counter[0] += 1
-            reply = await calls[n % len(calls)](base + _key_field(prefix + str(n)), timeout=op_timeout_s)
-            if len(pb.SubmitDagResponse.FromString(reply).ordered_ids) != dag_tasks:
-                raise RuntimeError("wrong number of ids")
-
-        t_start = time.time()
-        r = await run_closed_loop(op, concurrency, duration_s=duration_s, count=count, warmup_s=warmup_s,
-                                  op_timeout_s=op_timeout_s, max_seconds=max_seconds, name=name)
-        r.extra["window_unix"] = [t_start + warmup_s, t_start + warmup_s + r.seconds]
-        r.extra["dag_tasks"] = dag_tasks
-        r.extra["tasks_per_s"] = round(r.ops_per_s * dag_tasks, 1)
-        r.extra["dags_sent"] = counter[0]
-        return r
-    finally:
-        for ch in channels:
-            await ch.close()
+    r, sent = await _closed_loop_client(endpoints, "SubmitDag", dag_request_bytes(dag_tasks), prefix, check,
+                                        concurrency, duration_s, warmup_s, count, name, op_timeout_s, max_seconds)
+    r.extra["dag_tasks"] = dag_tasks
+    r.extra["tasks_per_s"] = round(r.ops_per_s * dag_tasks, 1)
+    r.extra["dags_sent"] = sent
+    return r
 
 
 # --------------------------------------------------------------------------- the cluster

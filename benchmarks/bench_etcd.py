@@ -35,7 +35,15 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.loadgen import Result, machine_note, markdown_table, run_closed_loop, run_in_subprocess
+from benchmarks.loadgen import (
+    Result,
+    die_with_parent,
+    free_ports,
+    machine_note,
+    markdown_table,
+    run_closed_loop,
+    run_in_subprocess,
+)
 
 ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
 HOST = "127.0.0.1"
@@ -118,31 +126,6 @@ async def put(conn: HttpConn, key: bytes, value: bytes) -> None:
 # --------------------------------------------------------------------------- the cluster
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: on Linux, have the kernel SIGKILL the child if this process dies (even by
-    SIGKILL), so no etcd outlives a killed benchmark. Best effort; the PID kill in close() is
-    the normal path."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _http_json(port: int, path: str, body: dict | None = None, timeout: float = 1.0) -> dict:
     """Blocking control-plane request (health, status): GET without body, POST with one."""
     data = None if body is None else json.dumps(body).encode()
@@ -218,7 +201,7 @@ class EtcdCluster:
         ]
         with open(m.log_path, "ab") as log:
             m.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
 
     def kill(self, i: int) -> None:
         m = self.members[i]

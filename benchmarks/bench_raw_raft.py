@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,16 @@ import threading
 import time
 from dataclasses import asdict
 
-from benchmarks.loadgen import REPO_ROOT, Result, _child_env, machine_note, markdown_table, run_closed_loop
+from benchmarks.loadgen import (
+    REPO_ROOT,
+    Result,
+    _child_env,
+    die_with_parent,
+    free_ports,
+    machine_note,
+    markdown_table,
+    run_closed_loop,
+)
 
 HOST = "127.0.0.1"
 
@@ -145,28 +153,6 @@ def serve(self_address: str, peers: list[str], data_dir: str) -> None:
 # --------------------------------------------------------------------------- the cluster (parent)
 
 
-def _die_with_parent() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 class RawRaftCluster:
     """3 counter processes; every one SIGKILLed by PID and the temp dir removed on exit."""
 
@@ -179,7 +165,7 @@ class RawRaftCluster:
     def __enter__(self) -> RawRaftCluster:
         self.tmp = tempfile.mkdtemp(prefix="bench-rawraft-", dir=self.base_dir)
         try:
-            addrs = [f"{HOST}:{p}" for p in _free_ports(self.size)]
+            addrs = [f"{HOST}:{p}" for p in free_ports(self.size)]
             env = _child_env()
             env["RAW_RAFT_SECRET"] = secrets.token_urlsafe(32)
             for i, a in enumerate(addrs):
@@ -189,7 +175,7 @@ class RawRaftCluster:
                     [sys.executable, "-m", "benchmarks.bench_raw_raft", "--serve", "--self", a,
                      "--peers", ",".join(x for x in addrs if x != a), "--dir", d],
                     cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                    stderr=open(os.path.join(d, "stderr.log"), "wb"), text=True, preexec_fn=_die_with_parent))
+                    stderr=open(os.path.join(d, "stderr.log"), "wb"), text=True, preexec_fn=die_with_parent))
         except BaseException:
             self.close()
             raise

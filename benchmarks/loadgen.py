@@ -236,3 +236,32 @@ def markdown_table(rows: list[Result]) -> str:
 
 if __name__ == "__main__":
     raise SystemExit(_main())
+
+
+def die_with_parent() -> None:
+    """preexec_fn: on Linux, have the kernel SIGKILL the child if this process dies (even by
+    SIGKILL), so no server outlives a killed benchmark. Best effort; the PID kill in each
+    benchmark's cleanup is the normal path."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct free TCP ports on `host` (all bound at once, so they differ)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
