@@ -14,6 +14,7 @@ ALLOWED = {
     "coordinator": {"coordinator"} | {"pydantic"},
     "wal": {"wal", "lmdb"},
     "scheduler": {"scheduler", "coordinator"},
+    "executors": {"executors", "coordinator", "pydantic"},
 }
 
 

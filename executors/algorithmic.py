@@ -1,0 +1,286 @@
+"""The built-in `algorithmic` executor: real, dependency-free task types for tests, benchmarks
+and anyone trying the system.
+
+    echo           output = input (any JSON value)
+    sleep          {"ms": M}          waits M ms in slices, reporting progress; stops on cancel
+    fail           {"times": K}       RetryableTaskError while attempt <= K, then {"attempt": n}
+    code_analysis  {"source": "...", "complexity_threshold"?: N}   see executors/code_analysis.py
+
+Bad input raises InvalidTaskInput naming the field and the limit; unknown fields are rejected
+so that a typo is not silently ignored. `sleep` is meant to spend real time, so it uses the
+event loop's clock rather than an injected one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from coordinator.model import ExecutorCapabilities, ExecutorType
+from executors.base import (
+    ExecutionContext,
+    ExecutorBusy,
+    ExecutorResult,
+    ExecutorTask,
+    InvalidTaskInput,
+    RetryableTaskError,
+    TaskCancelled,
+    UnsupportedTaskType,
+)
+from executors.code_analysis import AnalysisLimits, analyze_source
+
+
+@dataclass(frozen=True)
+class AlgorithmicLimits:
+    sleep_ms_max: int = 10 * 60 * 1000          # longest `sleep` a task may ask for
+    sleep_slice_ms: int = 10                    # longest wait between two cancellation checks
+    sleep_progress_interval_ms: int = 250       # at most one progress report per interval
+    fail_times_max: int = 100                   # = coordinator Limits.max_attempts_max
+    running_tasks_max: int = 1_024              # attempts running at once; beyond → ExecutorBusy
+    analysis: AnalysisLimits = field(default_factory=AnalysisLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("sleep_ms_max", "sleep_slice_ms", "sleep_progress_interval_ms", "fail_times_max",
+                     "running_tasks_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"AlgorithmicLimits.{name}: an int >= 1, got {value!r}")
+
+
+@dataclass
+class _Run:
+    task_id: str
+    attempt: int
+    type: str
+    started_s: float
+    cancel_requested: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+Handler = Callable[[ExecutorTask, ExecutionContext, _Run], Awaitable[Any]]
+
+
+class AlgorithmicAdapter:
+    """Implements `executors.base.ExecutorAdapter`. Safe to run many attempts concurrently on
+    one event loop (up to `running_tasks_max`)."""
+
+    executor_type = ExecutorType.ALGORITHMIC
+
+    def __init__(self, limits: AlgorithmicLimits | None = None) -> None:
+        self.limits = limits or AlgorithmicLimits()
+        self._handlers: dict[str, Handler] = {
+            "echo": self._echo,
+            "sleep": self._sleep,
+            "fail": self._fail,
+            "code_analysis": self._code_analysis,
+        }
+        self._running: dict[int, _Run] = {}
+        self._run_ids = itertools.count(1)
+        self._counts: Counter[str] = Counter()
+        self._started_by_type: Counter[str] = Counter()
+
+    # -------------------------------------------------------------------------- the protocol
+
+    async def execute(self, task: ExecutorTask, ctx: ExecutionContext) -> ExecutorResult:
+        handler = self._handlers.get(task.type)
+        if handler is None:
+            self._counts["rejected"] += 1
+            raise UnsupportedTaskType(task.type, list(self._handlers))
+        if len(self._running) >= self.limits.running_tasks_max:
+            self._counts["rejected"] += 1
+            raise ExecutorBusy(f"running tasks: at most {self.limits.running_tasks_max} at once (running_tasks_max)")
+        loop = asyncio.get_running_loop()
+        run_id = next(self._run_ids)
+        run = _Run(task.task_id, task.attempt, task.type, loop.time())
+        self._running[run_id] = run
+        self._counts["started"] += 1
+        self._started_by_type[task.type] += 1
+        try:
+            _raise_if_cancelled(run, ctx, "before it started")
+            output = await handler(task, ctx, run)
+            _raise_if_cancelled(run, ctx, "before its result was reported")
+        except TaskCancelled:
+            self._counts["cancelled"] += 1
+            raise
+        except asyncio.CancelledError:
+            self._counts["cancelled"] += 1
+            raise
+        except Exception:                   # TaskError, or a bug that task_error_from maps
+            self._counts["failed"] += 1
+            raise
+        finally:
+            del self._running[run_id]
+        self._counts["succeeded"] += 1
+        return ExecutorResult(output=output, metrics={"duration_s": loop.time() - run.started_s})
+
+    def get_capabilities(self) -> ExecutorCapabilities:
+        return ExecutorCapabilities(
+            supported_task_types=list(self._handlers),
+            input_schema=self.input_schemas(),
+            output_schema=self.output_schemas(),
+            performance_profile={"cost_per_task": 0.0, "running_tasks_max": self.limits.running_tasks_max},
+        )
+
+    async def get_status(self) -> dict[str, Any]:
+        now_s = asyncio.get_running_loop().time()
+        running = sorted(self._running.values(), key=lambda r: (r.task_id, r.attempt))
+        return {
+            "executor_type": self.executor_type.value,
+            "running_task_ids": sorted({r.task_id for r in running}),
+            "running": [{"task_id": r.task_id, "attempt": r.attempt, "type": r.type,
+                         "running_s": round(now_s - r.started_s, 6),
+                         "cancel_requested": r.cancel_requested.is_set()} for r in running],
+            "running_total": len(running),
+            "running_tasks_max": self.limits.running_tasks_max,
+            "tasks_started_total": self._counts["started"],
+            "tasks_succeeded_total": self._counts["succeeded"],
+            "tasks_failed_total": self._counts["failed"],
+            "tasks_cancelled_total": self._counts["cancelled"],
+            "tasks_rejected_total": self._counts["rejected"],
+            "tasks_started_by_type": dict(sorted(self._started_by_type.items())),
+        }
+
+    async def cancel(self, task_id: str) -> None:
+        for run in self._running.values():
+            if run.task_id == task_id:
+                run.cancel_requested.set()
+
+    # --------------------------------------------------------------------------------- schemas
+
+    def input_schemas(self) -> dict[str, Any]:
+        """JSON Schema of each task type's input, keyed by task type."""
+        analysis = self.limits.analysis
+        return {
+            "echo": {"description": "any JSON value; returned unchanged"},
+            "sleep": _object_schema({"ms": {"type": "integer", "minimum": 0, "maximum": self.limits.sleep_ms_max}},
+                                    required=["ms"]),
+            "fail": _object_schema({"times": {"type": "integer", "minimum": 0,
+                                              "maximum": self.limits.fail_times_max}}, required=["times"]),
+            "code_analysis": _object_schema({
+                "source": {"type": "string",
+                           "description": f"Python source, at most {analysis.source_bytes_max} UTF-8 bytes"},
+                "complexity_threshold": {"type": "integer", "minimum": 1,
+                                         "maximum": analysis.complexity_threshold_max,
+                                         "default": analysis.complexity_threshold_default},
+            }, required=["source"]),
+        }
+
+    def output_schemas(self) -> dict[str, Any]:
+        """JSON Schema of each task type's output, keyed by task type."""
+        finding = _object_schema({"rule": {"type": "string"}, "line": {"type": "integer", "minimum": 1},
+                                  "message": {"type": "string"},
+                                  "severity": {"enum": ["info", "warning", "error"]}},
+                                 required=["rule", "line", "message", "severity"])
+        return {
+            "echo": {"description": "the input, unchanged"},
+            "sleep": _object_schema({"slept_ms": {"type": "integer", "minimum": 0}}, required=["slept_ms"]),
+            "fail": _object_schema({"attempt": {"type": "integer", "minimum": 1}}, required=["attempt"]),
+            "code_analysis": _object_schema({"summary": {"type": "object"},
+                                             "findings": {"type": "array", "items": finding}},
+                                            required=["summary", "findings"]),
+        }
+
+    # -------------------------------------------------------------------------------- handlers
+
+    async def _echo(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
+        return task.input
+
+    async def _sleep(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
+        fields = _fields(task.input, allowed={"ms"}, required={"ms"}, shape='{"ms": int}')
+        total_ms = _int_in_range(fields["ms"], "input.ms", 0, self.limits.sleep_ms_max, "sleep_ms_max")
+        loop = asyncio.get_running_loop()
+        start_s = loop.time()
+        end_s = start_s + total_ms / 1000
+        slice_s = self.limits.sleep_slice_ms / 1000
+        interval_s = self.limits.sleep_progress_interval_ms / 1000
+        await ctx.progress(0.0, f"sleeping {total_ms} ms")
+        last_report_s = start_s
+        waiter = asyncio.ensure_future(run.cancel_requested.wait())
+        try:
+            while (now_s := loop.time()) < end_s:
+                if run.cancel_requested.is_set() or ctx.cancelled:
+                    elapsed_ms = round((now_s - start_s) * 1000)
+                    raise TaskCancelled(f"sleep cancelled after {elapsed_ms} of {total_ms} ms")
+                if now_s - last_report_s >= interval_s:
+                    last_report_s = now_s
+                    await ctx.progress(min(1.0, (now_s - start_s) / (end_s - start_s)),
+                                       f"slept {round((now_s - start_s) * 1000)} of {total_ms} ms")
+                await asyncio.wait({waiter}, timeout=min(slice_s, end_s - now_s))
+        finally:
+            waiter.cancel()
+        await ctx.progress(1.0, f"slept {total_ms} ms")
+        return {"slept_ms": total_ms}
+
+    async def _fail(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
+        fields = _fields(task.input, allowed={"times"}, required={"times"}, shape='{"times": int}')
+        times = _int_in_range(fields["times"], "input.times", 0, self.limits.fail_times_max, "fail_times_max")
+        if task.attempt <= times:
+            raise RetryableTaskError(f"fail: scripted failure on attempt {task.attempt} of the first {times}")
+        return {"attempt": task.attempt}
+
+    async def _code_analysis(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
+        analysis = self.limits.analysis
+        fields = _fields(task.input, allowed={"source", "complexity_threshold"}, required={"source"},
+                         shape='{"source": str, "complexity_threshold"?: int}')
+        source = fields["source"]
+        if not isinstance(source, str):
+            raise InvalidTaskInput("input.source", f"a string of Python source, got {_json_type(source)}")
+        threshold = _int_in_range(fields.get("complexity_threshold", analysis.complexity_threshold_default),
+                                  "input.complexity_threshold", 1, analysis.complexity_threshold_max,
+                                  "complexity_threshold_max")
+        await ctx.progress(0.0, "parsing")
+        # Parsing 256 KiB takes ~0.1 s: off the event loop, so heartbeats keep flowing.
+        report = await asyncio.to_thread(analyze_source, source, complexity_threshold=threshold, limits=analysis)
+        await ctx.progress(1.0, f"{report['summary']['findings_total']} findings")
+        return report
+
+
+# ------------------------------------------------------------------------------------- validation
+
+
+def _raise_if_cancelled(run: _Run, ctx: ExecutionContext, when: str) -> None:
+    if run.cancel_requested.is_set() or ctx.cancelled:
+        raise TaskCancelled(f"{run.type} task {run.task_id!r} attempt {run.attempt} cancelled {when}")
+
+
+def _fields(value: Any, *, allowed: set[str], required: set[str], shape: str) -> Mapping[str, Any]:
+    if not isinstance(value, Mapping):
+        raise InvalidTaskInput("input", f"an object {shape}, got {_json_type(value)}")
+    for name in sorted(required):
+        if name not in value:
+            raise InvalidTaskInput(f"input.{name}", f"required field is missing; expected {shape}")
+    for name in sorted(map(str, value)):
+        if name not in allowed:
+            raise InvalidTaskInput(f"input.{name}", f"unknown field; allowed fields are {sorted(allowed)}")
+    return value
+
+
+def _int_in_range(value: Any, field_name: str, low: int, high: int, bound_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidTaskInput(field_name, f"an integer in {low}..{high} ({bound_name}), got {_json_type(value)}")
+    if not low <= value <= high:
+        raise InvalidTaskInput(field_name, f"must be in {low}..{high} ({bound_name}), got {value}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, (list, tuple)):
+        return "array"
+    return type(value).__name__
+
+
+def _object_schema(properties: dict[str, Any], *, required: list[str]) -> dict[str, Any]:
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
