@@ -31,6 +31,12 @@ class CommandType(IntEnum):
     CANCEL_TASK = 3
     REGISTER_EXECUTOR = 4
     UNREGISTER_EXECUTOR = 5
+    ASSIGN_TASKS = 6  # the leader's scheduler: leases tasks to executors (re-validated in apply)
+    START_TASK = 7  # an executor began an attempt
+    COMPLETE_TASK = 8  # an attempt succeeded (fenced by task id + attempt + executor)
+    FAIL_TASK = 9  # an attempt failed: retry after a stamped backoff, or dead-letter / fail
+    EXECUTOR_LOST = 10  # the leader saw no heartbeat for a lease TTL: its tasks go back
+    REQUEUE_TASK = 11  # an operator re-queues a dead-lettered or failed task
 
 
 # Field order of one task spec in SUBMIT_TASKS. Append only.
@@ -94,3 +100,32 @@ def register_executor(now_ms: int, executor: dict[str, Any]) -> dict[str, Any]:
 def unregister_executor(now_ms: int, executor_id: str) -> dict[str, Any]:
     return {"t": CommandType.UNREGISTER_EXECUTOR, "now": now_ms, "id": executor_id}
 
+
+
+def assign_tasks(now_ms: int, lease_ms: int, items: list[list[Any]]) -> dict[str, Any]:
+    """items: [task_id, executor_id, attempt]"""
+    return {"t": CommandType.ASSIGN_TASKS, "now": now_ms, "lease_ms": lease_ms, "items": items}
+
+
+def start_task(now_ms: int, task_id: str, attempt: int, executor_id: str) -> dict[str, Any]:
+    return {"t": CommandType.START_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id}
+
+
+def complete_task(now_ms: int, task_id: str, attempt: int, executor_id: str, result_json: str) -> dict[str, Any]:
+    return {"t": CommandType.COMPLETE_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
+            "result": result_json}
+
+
+def fail_task(now_ms: int, task_id: str, attempt: int, executor_id: str, error: str, retryable: bool,
+              backoff_ms: int) -> dict[str, Any]:
+    """backoff_ms is stamped by the proposer (exponential with jitter), so apply stays pure."""
+    return {"t": CommandType.FAIL_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
+            "error": error, "retryable": retryable, "backoff_ms": backoff_ms}
+
+
+def executor_lost(now_ms: int, executor_id: str, reason: str) -> dict[str, Any]:
+    return {"t": CommandType.EXECUTOR_LOST, "now": now_ms, "id": executor_id, "reason": reason}
+
+
+def requeue_task(now_ms: int, task_id: str, extra_attempts: int) -> dict[str, Any]:
+    return {"t": CommandType.REQUEUE_TASK, "now": now_ms, "id": task_id, "extra_attempts": extra_attempts}

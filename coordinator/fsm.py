@@ -33,9 +33,15 @@ from coordinator.errors import Compacted, UnknownCommand, invariant
 from coordinator.limits import StateLimits
 
 SNAPSHOT_FORMAT = 1
+# Bumped whenever the encoded state of the same log intentionally changes (new fields, new
+# events), so recorded logs of an older version are checked by their semantic digest instead.
+FSM_STATE_VERSION = 2
 SNAPSHOT_ROWS_PER_CHUNK = 1000
 
-FINAL_STATUSES = frozenset({"completed", "failed", "cancelled"})
+FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "dead_letter"})
+LEASED_STATUSES = frozenset({"assigned", "executing"})
+UNSUCCESSFUL_STATUSES = frozenset({"failed", "cancelled", "dead_letter"})
+HISTORY_ENTRIES_MAX = 100  # per task: attempts beyond this keep only the newest
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -60,6 +66,13 @@ class TaskRecord(NamedTuple):
     updated_at_ms: int
     created_index: int
     cancel_reason: str
+    # Execution (appended fields keep defaults, so older snapshot rows still load)
+    attempt: int = 0  # the current (or last) attempt; 0 = never assigned
+    lease_expires_ms: int = 0
+    not_before_ms: int = 0  # retry backoff: not assignable before this time
+    result_json: str = ""
+    error: str = ""
+    history: tuple = ()  # ((attempt, executor_id, outcome, error, started_ms, ended_ms), ...)
 
     def row(self) -> list[Any]:
         return list(self)
@@ -81,6 +94,8 @@ class ExecutorRecord(NamedTuple):
     performance_profile_json: str
     context_window_size: int
     metadata: dict[str, str] | None
+    tasks_completed: int = 0
+    tasks_failed: int = 0
 
     def row(self) -> list[Any]:
         return list(self)
@@ -136,6 +151,12 @@ class CoordinatorFSM:
         self.last_applied_index = 0
         self._event_index = 0
         self._event_seq = 0
+        # Derived indexes (rebuilt on restore, never snapshotted): reverse dependency edges, the
+        # pending tasks whose dependencies all completed (in the order they became ready), and
+        # the tasks each executor holds.
+        self.dependents: dict[str, list[str]] = {}
+        self.ready: dict[str, None] = {}
+        self.executor_tasks: dict[str, dict[str, None]] = {}
 
     # ------------------------------------------------------------------ apply
     def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
@@ -183,15 +204,30 @@ class CoordinatorFSM:
             return ApplyResult.error("INVALID_ARGUMENT", f"depends_on: dependency cycle {' -> '.join(cycle)}")
         # Validated: from here on nothing can fail, so the submission is all or nothing.
         events = self._events
+        dependents = self.dependents
         for spec in specs:
             task_id = spec[0]
+            deps = tuple(spec[7])
             record = TaskRecord(
-                task_id, spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], tuple(spec[7]), spec[8], spec[9],
+                task_id, spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], deps, spec[8], spec[9],
                 "pending", None, now_ms, now_ms, index, "",
             )
             tasks[task_id] = record
             events.append(self._event(index, "TaskCreated", task_id, "", now_ms, ""))
+            for dep in deps:
+                dependents.setdefault(dep, []).append(task_id)
         self.status_counts["pending"] = self.status_counts.get("pending", 0) + len(specs)
+        for spec in specs:  # after all are stored: a dependency may come later in the same DAG
+            record = tasks[spec[0]]
+            if record.status != "pending":
+                continue  # already failed below, through an earlier task of this batch
+            dead = next((d for d in record.dependencies if tasks[d].status in UNSUCCESSFUL_STATUSES), None)
+            if dead is not None:
+                # A dependency that already ended without success: fail now, never wait forever.
+                self._fail_upstream(index, record, f"upstream_failed:{dead}", now_ms)
+                self._fail_dependents(index, record.id, now_ms)
+            else:
+                self._release_if_ready(index, record, now_ms)
         self._trim_events()
         ids = list(new_ids)
         if key:
@@ -209,8 +245,14 @@ class CoordinatorFSM:
             return ApplyResult.error("FAILED_PRECONDITION", f"task {task_id!r} is already {record.status}")
         now_ms = command["now"]
         reason = command.get("reason", "")
+        executor_id = record.assigned_executor if record.status in LEASED_STATUSES else ""
+        self._release_slot(record)
+        self.ready.pop(task_id, None)
         self._set_status(record, "cancelled", now_ms, cancel_reason=reason)
-        self._events.append(self._event(index, "TaskCancelled", task_id, "", now_ms, _encoder.encode({"reason": reason})))
+        # executor_id tells the node holding that executor's stream to stop the attempt
+        self._events.append(self._event(index, "TaskCancelled", task_id, executor_id or "", now_ms,
+                                        _encoder.encode({"reason": reason, "attempt": record.attempt})))
+        self._fail_dependents(index, task_id, now_ms)
         self._trim_events()
         return ApplyResult(True, {"id": task_id, "index": index})
 
@@ -224,8 +266,10 @@ class CoordinatorFSM:
             executor_id, spec["name"], spec["type"], tuple(spec["task_types"]), spec["capacity"], "online",
             registered_at_ms, spec["input_schema_json"], spec["output_schema_json"],
             spec["performance_profile_json"], spec["context_window_size"], spec["metadata"],
+            existing.tasks_completed if existing else 0, existing.tasks_failed if existing else 0,
         )
         self.executors[executor_id] = record
+        self.executor_tasks.setdefault(executor_id, {})
         self._events.append(self._event(index, "ExecutorRegistered", "", executor_id, now_ms, ""))
         self._trim_events()
         return ApplyResult(True, {"id": executor_id, "index": index, "reregistered": existing is not None})
@@ -234,10 +278,180 @@ class CoordinatorFSM:
         executor_id = command["id"]
         if executor_id not in self.executors:
             return ApplyResult.error("NOT_FOUND", f"executor_id: no executor {executor_id!r}")
+        requeued = self._take_back_tasks(index, executor_id, command["now"], "executor unregistered")
         del self.executors[executor_id]
+        self.executor_tasks.pop(executor_id, None)
         self._events.append(self._event(index, "ExecutorUnregistered", "", executor_id, command["now"], ""))
         self._trim_events()
-        return ApplyResult(True, {"id": executor_id, "index": index})
+        return ApplyResult(True, {"id": executor_id, "index": index, "requeued": requeued})
+
+    # ------------------------------------------------------------------ execution
+    def _apply_assign_tasks(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """A scheduling plan from the leader, re-validated item by item against current state:
+        a stale item is rejected (with the reason), the others are applied."""
+        now_ms = command["now"]
+        lease_ms = command["lease_ms"]
+        assigned: list[str] = []
+        rejected: list[list[str]] = []
+        for task_id, executor_id, attempt in command["items"]:
+            reason = self._assign_rejection(task_id, executor_id, attempt, now_ms)
+            if reason:
+                rejected.append([task_id, reason])
+                continue
+            record = self.tasks[task_id]
+            self.ready.pop(task_id)
+            self.executor_tasks[executor_id][task_id] = None
+            self._set_status(record, "assigned", now_ms, assigned_executor=executor_id, attempt=attempt,
+                             lease_expires_ms=now_ms + lease_ms, not_before_ms=0)
+            self._events.append(self._event(index, "TaskAssigned", task_id, executor_id, now_ms,
+                                            _encoder.encode({"attempt": attempt, "lease_expires_ms": now_ms + lease_ms})))
+            assigned.append(task_id)
+        self._trim_events()
+        return ApplyResult(True, {"assigned": assigned, "rejected": rejected, "index": index})
+
+    def _assign_rejection(self, task_id: str, executor_id: str, attempt: int, now_ms: int) -> str:
+        record = self.tasks.get(task_id)
+        if record is None:
+            return "no such task"
+        if task_id not in self.ready:
+            return f"task is {record.status}, not ready"
+        if record.not_before_ms > now_ms:
+            return "task is backing off"
+        if attempt != record.attempt + 1:
+            return f"attempt {attempt} is not the next attempt {record.attempt + 1}"
+        executor = self.executors.get(executor_id)
+        if executor is None or executor.status != "online":
+            return "executor is not online"
+        if executor.task_types and record.type not in executor.task_types:
+            return f"executor does not run type {record.type!r}"
+        if len(self.executor_tasks[executor_id]) >= executor.capacity:
+            return "executor is at capacity"
+        return ""
+
+    def _fenced(self, command: dict[str, Any]) -> tuple[TaskRecord | None, ApplyResult | None]:
+        """The fencing check every executor report passes: the task is leased to this executor
+        under this attempt. A stale attempt (a paused executor waking up) is rejected."""
+        task_id = command["id"]
+        record = self.tasks.get(task_id)
+        if record is None:
+            return None, ApplyResult.error("NOT_FOUND", f"task_id: no task {task_id!r}")
+        if (record.status not in LEASED_STATUSES or record.attempt != command["attempt"]
+                or record.assigned_executor != command["ex"]):
+            return None, ApplyResult.error(
+                "FAILED_PRECONDITION",
+                f"StaleFencingToken: task {task_id!r} attempt {command['attempt']} on {command['ex']!r} is not the "
+                f"current lease (status {record.status}, attempt {record.attempt}, executor {record.assigned_executor!r})",
+            )
+        return record, None
+
+    def _apply_start_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        record, error = self._fenced(command)
+        if error is not None:
+            return error
+        if record.status == "assigned":
+            self._set_status(record, "executing", command["now"])
+            self._events.append(self._event(index, "TaskStarted", record.id, record.assigned_executor, command["now"],
+                                            _encoder.encode({"attempt": record.attempt})))
+            self._trim_events()
+        return ApplyResult(True, {"id": record.id, "index": index})
+
+    def _apply_complete_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        record, error = self._fenced(command)
+        if error is not None:
+            return error
+        now_ms = command["now"]
+        executor_id = record.assigned_executor
+        self._release_slot(record)
+        self._count_outcome(executor_id, completed=True)
+        history = self._history(record, "completed", "", now_ms)
+        self._set_status(record, "completed", now_ms, result_json=command["result"], error="", history=history)
+        self._events.append(self._event(index, "TaskCompleted", record.id, executor_id, now_ms,
+                                        _encoder.encode({"attempt": record.attempt})))
+        for dependent in self.dependents.get(record.id, ()):
+            self._release_if_ready(index, self.tasks[dependent], now_ms)
+        self._trim_events()
+        return ApplyResult(True, {"id": record.id, "index": index})
+
+    def _apply_fail_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        record, error = self._fenced(command)
+        if error is not None:
+            return error
+        now_ms = command["now"]
+        executor_id = record.assigned_executor
+        self._release_slot(record)
+        self._count_outcome(executor_id, completed=False)
+        history = self._history(record, "failed", command["error"], now_ms)
+        retry = command["retryable"] and record.attempt < record.max_attempts
+        if retry:
+            status = "pending"
+        else:
+            status = "dead_letter" if command["retryable"] else "failed"
+        self._set_status(record, status, now_ms, error=command["error"], history=history,
+                         not_before_ms=now_ms + command["backoff_ms"] if retry else 0)
+        self._events.append(self._event(index, "TaskFailed", record.id, executor_id, now_ms, _encoder.encode({
+            "attempt": record.attempt, "error": command["error"], "status": status,
+            "retry_at_ms": now_ms + command["backoff_ms"] if retry else 0})))
+        if retry:
+            self._release_if_ready(index, self.tasks[record.id], now_ms)
+        else:
+            self._fail_dependents(index, record.id, now_ms)
+        self._trim_events()
+        return ApplyResult(True, {"id": record.id, "status": status, "index": index})
+
+    def _apply_executor_lost(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        executor_id = command["id"]
+        executor = self.executors.get(executor_id)
+        if executor is None:
+            return ApplyResult.error("NOT_FOUND", f"executor_id: no executor {executor_id!r}")
+        now_ms = command["now"]
+        requeued = self._take_back_tasks(index, executor_id, now_ms, f"executor lost: {command['reason']}")
+        self.executors[executor_id] = executor._replace(status="offline")
+        self._events.append(self._event(index, "ExecutorLost", "", executor_id, now_ms,
+                                        _encoder.encode({"reason": command["reason"], "requeued": requeued})))
+        self._trim_events()
+        return ApplyResult(True, {"id": executor_id, "requeued": requeued, "index": index})
+
+    def _apply_requeue_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        task_id = command["id"]
+        record = self.tasks.get(task_id)
+        if record is None:
+            return ApplyResult.error("NOT_FOUND", f"task_id: no task {task_id!r}")
+        if record.status not in ("dead_letter", "failed"):
+            return ApplyResult.error("FAILED_PRECONDITION", f"task {task_id!r} is {record.status}; only dead_letter "
+                                                            "or failed tasks can be re-queued")
+        dead = next((d for d in record.dependencies if self.tasks[d].status in UNSUCCESSFUL_STATUSES), None)
+        if dead is not None:
+            return ApplyResult.error("FAILED_PRECONDITION", f"task {task_id!r} depends on {dead!r}, which is "
+                                                            f"{self.tasks[dead].status}; re-queue that one first")
+        now_ms = command["now"]
+        self._set_status(record, "pending", now_ms, max_attempts=record.attempt + command["extra_attempts"],
+                         not_before_ms=0, error="")
+        self._events.append(self._event(index, "TaskRequeued", task_id, "", now_ms, ""))
+        self._release_if_ready(index, self.tasks[task_id], now_ms)
+        self._trim_events()
+        return ApplyResult(True, {"id": task_id, "index": index})
+
+    def _take_back_tasks(self, index: int, executor_id: str, now_ms: int, reason: str) -> list[str]:
+        """The executor's leased tasks go back to the queue (or dead-letter when out of attempts)."""
+        requeued = []
+        # Sorted: the index's order depends on history (assignment order live, creation order after
+        # a restore), and apply must not depend on anything a snapshot does not carry.
+        for task_id in sorted(self.executor_tasks.get(executor_id, ())):
+            record = self.tasks[task_id]
+            self._release_slot(record)
+            history = self._history(record, "lost", reason, now_ms)
+            if record.attempt < record.max_attempts:
+                self._set_status(record, "pending", now_ms, error=reason, history=history, not_before_ms=0)
+                self._events.append(self._event(index, "TaskRequeued", task_id, executor_id, now_ms,
+                                                _encoder.encode({"reason": reason, "attempt": record.attempt})))
+                self._release_if_ready(index, self.tasks[task_id], now_ms)
+                requeued.append(task_id)
+            else:
+                self._set_status(record, "dead_letter", now_ms, error=reason, history=history)
+                self._events.append(self._event(index, "TaskFailed", task_id, executor_id, now_ms, _encoder.encode(
+                    {"attempt": record.attempt, "error": reason, "status": "dead_letter", "retry_at_ms": 0})))
+                self._fail_dependents(index, task_id, now_ms)
+        return requeued
 
     _HANDLERS = {
         CommandType.NOOP: _apply_noop,
@@ -245,6 +459,12 @@ class CoordinatorFSM:
         CommandType.CANCEL_TASK: _apply_cancel_task,
         CommandType.REGISTER_EXECUTOR: _apply_register_executor,
         CommandType.UNREGISTER_EXECUTOR: _apply_unregister_executor,
+        CommandType.ASSIGN_TASKS: _apply_assign_tasks,
+        CommandType.START_TASK: _apply_start_task,
+        CommandType.COMPLETE_TASK: _apply_complete_task,
+        CommandType.FAIL_TASK: _apply_fail_task,
+        CommandType.EXECUTOR_LOST: _apply_executor_lost,
+        CommandType.REQUEUE_TASK: _apply_requeue_task,
     }
 
     # ------------------------------------------------------------------ helpers
@@ -253,6 +473,51 @@ class CoordinatorFSM:
         counts[record.status] -= 1
         counts[status] = counts.get(status, 0) + 1
         self.tasks[record.id] = record.replace(status=status, updated_at_ms=now_ms, **changes)
+
+    def _release_if_ready(self, index: int, record: TaskRecord, now_ms: int) -> None:
+        if record.status != "pending" or record.id in self.ready:
+            return
+        tasks = self.tasks
+        if all(tasks[dep].status == "completed" for dep in record.dependencies):
+            self.ready[record.id] = None
+            self._events.append(self._event(index, "TaskReady", record.id, "", now_ms, ""))
+
+    def _fail_dependents(self, index: int, root_id: str, now_ms: int) -> None:
+        """Every not-yet-final task downstream of `root_id` fails with upstream_failed:<root>,
+        so nothing waits forever on a dependency that will never complete."""
+        stack = list(self.dependents.get(root_id, ()))
+        cause = f"upstream_failed:{root_id}"
+        while stack:
+            record = self.tasks[stack.pop()]
+            if record.status in FINAL_STATUSES:
+                continue
+            invariant(record.status == "pending", f"task {record.id} is {record.status} before its dependencies ended")
+            self._fail_upstream(index, record, cause, now_ms)
+            stack.extend(self.dependents.get(record.id, ()))
+
+    def _fail_upstream(self, index: int, record: TaskRecord, cause: str, now_ms: int) -> None:
+        self.ready.pop(record.id, None)
+        self._set_status(record, "failed", now_ms, error=cause)
+        self._events.append(self._event(index, "TaskFailed", record.id, "", now_ms, _encoder.encode(
+            {"attempt": record.attempt, "error": cause, "status": "failed", "retry_at_ms": 0})))
+
+    def _release_slot(self, record: TaskRecord) -> None:
+        if record.status in LEASED_STATUSES:
+            self.executor_tasks.get(record.assigned_executor, {}).pop(record.id, None)
+
+    def _count_outcome(self, executor_id: str, completed: bool) -> None:
+        executor = self.executors.get(executor_id)
+        if executor is not None:
+            if completed:
+                self.executors[executor_id] = executor._replace(tasks_completed=executor.tasks_completed + 1)
+            else:
+                self.executors[executor_id] = executor._replace(tasks_failed=executor.tasks_failed + 1)
+
+    @staticmethod
+    def _history(record: TaskRecord, outcome: str, error: str, now_ms: int) -> tuple:
+        started_ms = record.lease_expires_ms and record.updated_at_ms
+        entry = (record.attempt, record.assigned_executor or "", outcome, error[:500], started_ms, now_ms)
+        return (record.history + (entry,))[-HISTORY_ENTRIES_MAX:]
 
     def _event(self, index: int, kind: str, task_id: str, executor_id: str, time_ms: int, data_json: str) -> Event:
         if index != self._event_index:
@@ -366,6 +631,8 @@ class CoordinatorFSM:
             if section == "tasks":
                 for row in item:
                     row[7] = tuple(row[7])
+                    if len(row) > 21:
+                        row[21] = tuple(tuple(h) for h in row[21])
                     tasks[row[0]] = TaskRecord(*row)
             elif section == "executors":
                 for row in item:
@@ -384,10 +651,31 @@ class CoordinatorFSM:
             counts[record.status] = counts.get(record.status, 0) + 1
         self.tasks, self.executors, self._idempotency, self._events = tasks, executors, idempotency, events
         self.status_counts = counts
+        self._rebuild_indexes()
         self.last_applied_index = header["last_applied_index"]
         self.events_compacted_through = header["events_compacted_through"]
         self._event_index = header["event_index"]
         self._event_seq = header["event_seq"]
+
+    def _rebuild_indexes(self) -> None:
+        self.dependents, self.ready = {}, {}
+        self.executor_tasks = {executor_id: {} for executor_id in self.executors}
+        tasks = self.tasks
+        for record in tasks.values():
+            for dep in record.dependencies:
+                self.dependents.setdefault(dep, []).append(record.id)
+            if record.status == "pending" and all(tasks[d].status == "completed" for d in record.dependencies):
+                self.ready[record.id] = None
+            elif record.status in LEASED_STATUSES:
+                self.executor_tasks.setdefault(record.assigned_executor, {})[record.id] = None
+
+    def semantic_digest(self) -> str:
+        """A digest of what a user sees of each task — stable across FSM_STATE_VERSIONs."""
+        digest = hashlib.sha256()
+        for record in self.tasks.values():
+            digest.update(_encoder.encode([record.id, record.type, record.status, record.priority,
+                                           list(record.dependencies), record.created_index]).encode())
+        return digest.hexdigest()
 
     def state_hash(self) -> str:
         digest = hashlib.sha256()

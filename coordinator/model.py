@@ -20,13 +20,14 @@ class TaskStatus(str, Enum):
     FAILED = "failed"
     REQUIRES_CONTINUATION = "requires_continuation"
     CANCELLED = "cancelled"
+    DEAD_LETTER = "dead_letter"  # retries exhausted; an operator may re-queue it
 
     @property
     def is_final(self) -> bool:
         return self in FINAL_STATUSES
 
 
-FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+FINAL_STATUSES = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.DEAD_LETTER})
 
 
 class ExecutorType(str, Enum):

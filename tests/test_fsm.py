@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from coordinator import commands as cmd
 from coordinator.commands import encode_entry
@@ -93,15 +93,17 @@ def test_executors_register_unregister() -> None:
 def test_events_numbered_by_index_and_compacted() -> None:
     fsm = CoordinatorFSM(StateLimits(events_retained_max=4))
     fsm.apply_entry(2, encode_entry([cmd.submit_tasks(1, [task_row("a"), task_row("b")], None)]))
-    fsm.apply_entry(3, encode_entry([cmd.submit_tasks(1, [task_row("c")], None), cmd.cancel_task(2, "c", "")]))
     events = fsm.events_from(1, 100)
-    assert [(e[0], e[1], e[2]) for e in events] == [
-        (2, 0, "TaskCreated"), (2, 1, "TaskCreated"), (3, 0, "TaskCreated"), (3, 1, "TaskCancelled")]
-    fsm.apply(4, cmd.submit_tasks(1, [task_row("d")], None))
+    assert [(e[0], e[1], e[2], e[3]) for e in events] == [
+        (2, 0, "TaskCreated", "a"), (2, 1, "TaskCreated", "b"), (2, 2, "TaskReady", "a"), (2, 3, "TaskReady", "b"),
+    ]
+    fsm.apply_entry(3, encode_entry([cmd.submit_tasks(1, [task_row("c")], None), cmd.cancel_task(2, "c", "")]))
     with pytest.raises(Compacted, match="from_index"):
         fsm.events_from(2, 100)
-    assert [e[0] for e in fsm.events_from(3, 100)] == [3, 3, 4]
-    assert [(e[0], e[1]) for e in fsm.events_from(3, 100, after_seq=0)] == [(3, 1), (4, 0)]
+    assert [(e[0], e[1], e[2]) for e in fsm.events_from(3, 100)] == [
+        (3, 0, "TaskCreated"), (3, 1, "TaskReady"), (3, 2, "TaskCancelled")]
+    assert [(e[0], e[1]) for e in fsm.events_from(3, 100, after_seq=1)] == [(3, 2)]
+    assert fsm.events_from(4, 100) == []
     assert fsm.events_from(5, 100) == []
 
 
@@ -144,21 +146,57 @@ def test_snapshot_round_trip() -> None:
 
 
 # --------------------------------------------------------------------------- model-based test
-ids = st.sampled_from([f"t{i}" for i in range(12)])
+POOL = [f"t{i}" for i in range(24)]
+EXECUTORS = ["e1", "e2", "e3"]
+FINAL = {"completed", "failed", "cancelled", "dead_letter"}
+
+
+class Model:
+    """The lifecycle rules written as plainly as possible: readiness is recomputed from scratch."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, dict] = {}
+        self.executors: dict[str, dict] = {}
+        self.keys: dict[str, list[str]] = {}
+        self.key_order: list[str] = []
+
+    def ready(self, task_id: str) -> bool:
+        task = self.tasks[task_id]
+        return task["status"] == "pending" and all(self.tasks[d]["status"] == "completed" for d in task["deps"])
+
+    def load(self, executor_id: str) -> int:
+        return sum(1 for t in self.tasks.values()
+                   if t["status"] in ("assigned", "executing") and t["executor"] == executor_id)
+
+    def fail_downstream(self, root: str) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for task in self.tasks.values():
+                if task["status"] not in FINAL and any(self.tasks[d]["status"] in ("failed", "cancelled", "dead_letter")
+                                                       for d in task["deps"]):
+                    task["status"] = "failed"
+                    changed = True
+
+    def take_back(self, executor_id: str) -> None:
+        for task_id, task in self.tasks.items():
+            if task["status"] in ("assigned", "executing") and task["executor"] == executor_id:
+                if task["attempt"] < task["max_attempts"]:
+                    task.update(status="pending", not_before=0)
+                else:
+                    task["status"] = "dead_letter"
+                    self.fail_downstream(task_id)
 
 
 class FSMAgainstModel(RuleBasedStateMachine):
-    """Drives the FSM with random commands and checks it against a plain-dict model."""
+    """Drives the FSM with random commands — submissions, cancels, executors, assignments, starts,
+    completions, failures, lost executors, re-queues — and checks it against `Model`."""
 
     def __init__(self) -> None:
         super().__init__()
         self.fsm = CoordinatorFSM(StateLimits(events_retained_max=50, idempotency_keys_max=5))
         self.index = 1
-        self.model_tasks: dict[str, str] = {}  # id -> status
-        self.model_deps: dict[str, list[str]] = {}
-        self.model_keys: dict[str, list[str]] = {}
-        self.model_key_order: list[str] = []
-        self.model_executors: set[str] = set()
+        self.model = Model()
         self.log: list[tuple[int, bytes]] = []
 
     def _apply(self, command: dict):
@@ -167,53 +205,163 @@ class FSMAgainstModel(RuleBasedStateMachine):
         self.log.append((self.index, payload))
         return self.fsm.apply_entry(self.index, payload)[0]
 
-    @rule(new=st.lists(st.tuples(ids, st.lists(ids, max_size=3)), min_size=1, max_size=4),
-          key=st.one_of(st.none(), st.sampled_from(["k1", "k2", "k3", "k4", "k5", "k6", "k7"])))
-    def submit(self, new, key) -> None:
-        rows = [task_row(task_id, list(dict.fromkeys(deps))) for task_id, deps in new]
-        result = self._apply(cmd.submit_tasks(self.index, rows, key))
-        if key is not None and key in self.model_keys:
-            assert result.ok and result.value["duplicate"] and result.value["ids"] == self.model_keys[key]
-            return
-        batch_ids = [task_id for task_id, _ in new]
-        expect_ok = len(set(batch_ids)) == len(batch_ids) and not set(batch_ids) & set(self.model_tasks)
-        batch_deps = {task_id: list(dict.fromkeys(deps)) for task_id, deps in new}
-        if expect_ok:
-            expect_ok = all(d in self.model_tasks or d in batch_deps for deps in batch_deps.values() for d in deps)
-        if expect_ok:
-            expect_ok = not _has_cycle(batch_deps)
-        assert result.ok == expect_ok, (result, new)
-        if result.ok:
-            for task_id in batch_ids:
-                self.model_tasks[task_id] = "pending"
-                self.model_deps[task_id] = batch_deps[task_id]
-            if key is not None:
-                self.model_keys[key] = batch_ids
-                self.model_key_order.append(key)
-                if len(self.model_key_order) > 5:
-                    del self.model_keys[self.model_key_order.pop(0)]
+    @initialize()
+    def some_executors_and_a_dag(self) -> None:
+        # Start where the lifecycle can happen; the rules still add, lose and remove executors.
+        for executor_id in EXECUTORS[:2]:
+            self.register(executor_id)
+        rows = [task_row("t0"), task_row("t1", ["t0"]), task_row("t2", ["t0"]), task_row("t3", ["t1", "t2"])]
+        assert self._apply(cmd.submit_tasks(self.index, rows, None)).ok
+        for task_id, deps in (("t0", []), ("t1", ["t0"]), ("t2", ["t0"]), ("t3", ["t1", "t2"])):
+            self.model.tasks[task_id] = {"status": "pending", "deps": deps, "attempt": 0, "max_attempts": 3,
+                                         "executor": None, "not_before": 0}
 
-    @rule(task_id=ids)
+    @rule(data=st.data(), key=st.one_of(st.none(), st.sampled_from([f"k{i}" for i in range(8)])))
+    def submit(self, data, key) -> None:
+        model = self.model
+        fresh = [t for t in POOL if t not in model.tasks]
+        new = data.draw(st.lists(st.sampled_from(fresh or POOL), min_size=1, max_size=4, unique=True), "new")
+        rows, deps_of = [], {}
+        for i, task_id in enumerate(new):
+            candidates = sorted(model.tasks) + new[:i]
+            deps = data.draw(st.lists(st.sampled_from(candidates), max_size=3, unique=True), "deps") if candidates else []
+            if data.draw(st.integers(0, 9), "bad") == 0:
+                deps = deps + [data.draw(st.sampled_from(POOL + new), "bad dep")]  # unknown, self or a cycle
+            deps = list(dict.fromkeys(deps))
+            deps_of[task_id] = deps
+            rows.append(task_row(task_id, deps))
+        result = self._apply(cmd.submit_tasks(self.index, rows, key))
+        if key is not None and key in model.keys:
+            assert result.ok and result.value["duplicate"] and result.value["ids"] == model.keys[key]
+            return
+        expect_ok = (not set(new) & set(model.tasks)
+                     and all(d in model.tasks or d in deps_of for deps in deps_of.values() for d in deps)
+                     and not _has_cycle(deps_of))
+        assert result.ok == expect_ok, (result, deps_of)
+        if result.ok:
+            for task_id in new:
+                model.tasks[task_id] = {"status": "pending", "deps": deps_of[task_id], "attempt": 0, "max_attempts": 3,
+                                        "executor": None, "not_before": 0}
+            model.fail_downstream(new[0])  # a dependency that already ended unsuccessfully fails them now
+            if key is not None:
+                model.keys[key] = new
+                model.key_order.append(key)
+                if len(model.key_order) > 5:
+                    del model.keys[model.key_order.pop(0)]
+
+    @rule(task_id=st.sampled_from(POOL))
     def cancel(self, task_id) -> None:
+        model = self.model
         result = self._apply(cmd.cancel_task(self.index, task_id, "r"))
-        if task_id not in self.model_tasks:
+        task = model.tasks.get(task_id)
+        if task is None:
             assert result.code == "NOT_FOUND"
-        elif self.model_tasks[task_id] == "cancelled":
+        elif task["status"] in FINAL:
             assert result.code == "FAILED_PRECONDITION"
         else:
-            assert result.ok
-            self.model_tasks[task_id] = "cancelled"
+            assert result.ok, result
+            task["status"] = "cancelled"
+            model.fail_downstream(task_id)
 
-    @rule(executor_id=st.sampled_from(["e1", "e2", "e3"]))
+    @rule(executor_id=st.sampled_from(EXECUTORS))
     def register(self, executor_id) -> None:
         assert self._apply(cmd.register_executor(self.index, executor_spec(executor_id))).ok
-        self.model_executors.add(executor_id)
+        self.model.executors[executor_id] = {"online": True}
 
-    @rule(executor_id=st.sampled_from(["e1", "e2", "e3"]))
+    @rule(executor_id=st.sampled_from(EXECUTORS))
     def unregister(self, executor_id) -> None:
         result = self._apply(cmd.unregister_executor(self.index, executor_id))
-        assert result.ok == (executor_id in self.model_executors)
-        self.model_executors.discard(executor_id)
+        assert result.ok == (executor_id in self.model.executors)
+        if result.ok:
+            self.model.take_back(executor_id)
+            del self.model.executors[executor_id]
+
+    @rule(executor_id=st.sampled_from(EXECUTORS))
+    def lost(self, executor_id) -> None:
+        result = self._apply(cmd.executor_lost(self.index, executor_id, "no heartbeat"))
+        assert result.ok == (executor_id in self.model.executors)
+        if result.ok:
+            self.model.take_back(executor_id)
+            self.model.executors[executor_id]["online"] = False
+
+    @rule(data=st.data())
+    def assign(self, data) -> None:
+        model = self.model
+        ready = [t for t in model.tasks if model.ready(t)]
+        online = [e for e, v in model.executors.items() if v["online"]]
+        aim = data.draw(st.integers(0, 4), "aim") != 0  # mostly a plausible plan, sometimes a stale one
+        task_id = data.draw(st.sampled_from(ready if aim and ready else POOL), "task")
+        executor_id = data.draw(st.sampled_from(online if aim and online else EXECUTORS), "executor")
+        task = model.tasks.get(task_id)
+        attempt = (task["attempt"] if task else 0) + data.draw(st.sampled_from([1, 1, 1, 1, 0, 2]), "attempt delta")
+        now = self.index + 1
+        result = self._apply(cmd.assign_tasks(now, 1000, [[task_id, executor_id, attempt]]))
+        executor = model.executors.get(executor_id)
+        expect = (task is not None and model.ready(task_id) and task["not_before"] <= now
+                  and attempt == task["attempt"] + 1 and executor is not None and executor["online"]
+                  and model.load(executor_id) < 2)
+        assert result.ok and (result.value["assigned"] == [task_id]) == expect, (result, task, executor)
+        if expect:
+            task.update(status="assigned", executor=executor_id, attempt=attempt, not_before=0)
+
+    def _report(self, data, make):
+        model = self.model
+        leased = [t for t, v in model.tasks.items() if v["status"] in ("assigned", "executing")]
+        aim = data.draw(st.integers(0, 4), "aim") != 0
+        task_id = data.draw(st.sampled_from(leased if aim and leased else POOL), "task")
+        task = model.tasks.get(task_id)
+        right_attempt = task["attempt"] if task else 1
+        attempt = right_attempt + data.draw(st.sampled_from([0, 0, 0, 0, -1, 1]), "stale")
+        executor_id = (task or {}).get("executor") or "e1"
+        if data.draw(st.integers(0, 6), "wrong executor") == 0:
+            executor_id = data.draw(st.sampled_from(EXECUTORS), "executor")
+        result = self._apply(make(task_id, attempt, executor_id))
+        fenced_ok = (task is not None and task["status"] in ("assigned", "executing")
+                     and attempt == task["attempt"] and executor_id == task["executor"])
+        if task is None:
+            assert result.code == "NOT_FOUND"
+        else:
+            assert result.ok == fenced_ok, (result, task, attempt, executor_id)
+            if not fenced_ok:
+                assert "StaleFencingToken" in result.message
+        return task, fenced_ok
+
+    @rule(data=st.data())
+    def start(self, data) -> None:
+        task, ok = self._report(data, lambda t, a, e: cmd.start_task(self.index + 1, t, a, e))
+        if ok:
+            task["status"] = "executing"
+
+    @rule(data=st.data())
+    def complete(self, data) -> None:
+        task, ok = self._report(data, lambda t, a, e: cmd.complete_task(self.index + 1, t, a, e, '{"ok":1}'))
+        if ok:
+            task["status"] = "completed"
+
+    @rule(data=st.data(), retryable=st.booleans(), backoff_ms=st.sampled_from([0, 5, 1000]))
+    def fail(self, data, retryable, backoff_ms) -> None:
+        now = self.index + 1
+        task, ok = self._report(
+            data, lambda t, a, e: cmd.fail_task(now, t, a, e, "boom", retryable, backoff_ms))
+        if ok:
+            if retryable and task["attempt"] < task["max_attempts"]:
+                task.update(status="pending", not_before=now + backoff_ms)
+            else:
+                task["status"] = "dead_letter" if retryable else "failed"
+                self.model.fail_downstream(next(k for k, v in self.model.tasks.items() if v is task))
+
+    @rule(task_id=st.sampled_from(POOL))
+    def requeue(self, task_id) -> None:
+        task = self.model.tasks.get(task_id)
+        result = self._apply(cmd.requeue_task(self.index + 1, task_id, 2))
+        if task is None:
+            assert result.code == "NOT_FOUND"
+        elif task["status"] in ("dead_letter", "failed") and not any(
+                self.model.tasks[d]["status"] in ("failed", "cancelled", "dead_letter") for d in task["deps"]):
+            assert result.ok
+            task.update(status="pending", max_attempts=task["attempt"] + 2, not_before=0)
+        else:
+            assert result.code == "FAILED_PRECONDITION"
 
     @rule()
     def noop(self) -> None:
@@ -225,22 +373,31 @@ class FSMAgainstModel(RuleBasedStateMachine):
         restored = CoordinatorFSM(self.fsm.limits)
         restored.restore(self.fsm.snapshot())
         assert restored.state_hash() == self.fsm.state_hash()
+        assert restored.ready == {k: None for k in self.fsm.tasks if k in self.fsm.ready} or \
+            set(restored.ready) == set(self.fsm.ready)
+        assert {k: set(v) for k, v in restored.executor_tasks.items() if v} == \
+            {k: set(v) for k, v in self.fsm.executor_tasks.items() if v}
         self.fsm = restored
 
     @invariant()
     def matches_model(self) -> None:
-        assert {k: v.status for k, v in self.fsm.tasks.items()} == self.model_tasks
-        assert {k: list(v.dependencies) for k, v in self.fsm.tasks.items()} == self.model_deps
-        assert set(self.fsm.executors) == self.model_executors
+        model = self.model
+        assert {k: v.status for k, v in self.fsm.tasks.items()} == {k: v["status"] for k, v in model.tasks.items()}
+        assert {k: list(v.dependencies) for k, v in self.fsm.tasks.items()} == {k: v["deps"] for k, v in model.tasks.items()}
+        assert set(self.fsm.ready) == {k for k in model.tasks if model.ready(k)}
+        assert {k: v.status == "online" for k, v in self.fsm.executors.items()} == \
+            {k: v["online"] for k, v in model.executors.items()}
+        for executor_id in model.executors:
+            assert len(self.fsm.executor_tasks.get(executor_id, {})) == model.load(executor_id)
         counts = {s: n for s, n in self.fsm.status_counts.items() if n}
         expected: dict[str, int] = {}
-        for status in self.model_tasks.values():
-            expected[status] = expected.get(status, 0) + 1
+        for task in model.tasks.values():
+            expected[task["status"]] = expected.get(task["status"], 0) + 1
         assert counts == expected
 
     @invariant()
     def replay_gives_same_hash(self) -> None:
-        if len(self.log) % 7:
+        if len(self.log) % 13:
             return
         replica = CoordinatorFSM(self.fsm.limits)
         for index, payload in self.log:
@@ -267,7 +424,7 @@ def _has_cycle(edges: dict[str, list[str]]) -> bool:
 
 
 TestFSMAgainstModel = FSMAgainstModel.TestCase
-TestFSMAgainstModel.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
+TestFSMAgainstModel.settings = settings(max_examples=200, stateful_step_count=50, deadline=None,
                                         suppress_health_check=[HealthCheck.too_slow])
 
 

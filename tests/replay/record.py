@@ -1,6 +1,7 @@
-"""Records tests/replay/core-v1.jsonl: a command log of today's FSM with the state hash it must
-reach. Run it only to add a new recording (never to refresh an old one: an old log whose hash
-changed means a change broke determinism or old logs)."""
+"""Records tests/replay/core-v<FSM_STATE_VERSION>.jsonl: a command log of today's FSM with the
+state hash and the semantic digest it must reach. Run it only to add a recording for a new
+FSM_STATE_VERSION — never to refresh an old one: an old log whose digest changed means a change
+broke determinism or the meaning of old logs."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import random
 
 from coordinator import commands as cmd
 from coordinator.commands import encode_entry
-from coordinator.fsm import CoordinatorFSM
+from coordinator.fsm import FSM_STATE_VERSION, CoordinatorFSM
 
-OUT = pathlib.Path(__file__).with_name("core-v1.jsonl")
+OUT = pathlib.Path(__file__).with_name(f"core-v{FSM_STATE_VERSION}.jsonl")
 
 
 def main() -> None:
@@ -39,8 +40,30 @@ def main() -> None:
                 if result.ok and not result.value["duplicate"]:
                     ids.extend(new)
                 batch.append(cmd.submit_tasks(now, rows, key))
-            elif roll < 0.75 and ids:
+            elif roll < 0.62 and ids:
                 command = cmd.cancel_task(now, rng.choice(ids), "replay")
+                fsm.apply(index, command)
+                batch.append(command)
+            elif roll < 0.75 and fsm.ready and fsm.executors:
+                task_id = rng.choice(sorted(fsm.ready))
+                executor_id = rng.choice(sorted(fsm.executors))
+                command = cmd.assign_tasks(now, 30_000, [[task_id, executor_id, fsm.tasks[task_id].attempt + 1]])
+                fsm.apply(index, command)
+                batch.append(command)
+                record = fsm.tasks[task_id]
+                if record.status == "assigned":
+                    outcome = rng.random()
+                    if outcome < 0.6:
+                        follow = cmd.complete_task(now, task_id, record.attempt, executor_id, '{"ok":true}')
+                    elif outcome < 0.85:
+                        follow = cmd.fail_task(now, task_id, record.attempt, executor_id, "boom", rng.random() < 0.7,
+                                               rng.randint(0, 5000))
+                    else:
+                        follow = cmd.executor_lost(now, executor_id, "replay")
+                    fsm.apply(index, follow)
+                    batch.append(follow)
+            elif roll < 0.78 and ids:
+                command = cmd.requeue_task(now, rng.choice(ids), 2)
                 fsm.apply(index, command)
                 batch.append(command)
             elif roll < 0.9:
@@ -61,8 +84,10 @@ def main() -> None:
         item = json.loads(line)
         replay.apply_entry(item["index"], item["entry"].encode())
     assert replay.state_hash() == fsm.state_hash()
-    header = json.dumps({"format": "coordinator-replay-v1", "state_hash": replay.state_hash(),
-                         "tasks": len(replay.tasks)})
+    header = json.dumps({"format": "coordinator-replay-v1", "fsm_state_version": FSM_STATE_VERSION,
+                         "state_hash": replay.state_hash(), "semantic_digest": replay.semantic_digest(),
+                         "tasks": len(replay.tasks),
+                         "statuses": {s: n for s, n in sorted(replay.status_counts.items()) if n}})
     OUT.write_text("\n".join([header, *lines]) + "\n")
     print(f"wrote {OUT} ({len(lines)} entries, {len(replay.tasks)} tasks)")
 
