@@ -478,6 +478,55 @@ def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, out
     console.print(table)
 
 
+@executor_app.command("run")
+def executor_run(
+    type_: str = typer.Option(..., "--type", help="executor type; only 'algorithmic' has an adapter so far"),
+    name: str = typer.Option(..., "--name", help="executor name"),
+    executor_id: str = typer.Option(None, "--id", help="stable executor id (default: the name); the same id "
+                                                       "after a restart resumes its leases"),
+    capacity: int = typer.Option(1, "--capacity", help="attempts run at once, >= 1"),
+    heartbeat_interval_s: float = typer.Option(1.0, "--heartbeat-interval-s",
+                                               help="used until the node's welcome names its own"),
+    log_level: str = typer.Option("INFO", "--log-level"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Run an executor agent in the foreground until SIGTERM/SIGINT: connects to any node, runs
+    assigned tasks through the adapter of --type, reconnects to the next node on failure. Logs go
+    to stderr; on exit a summary goes to stdout."""
+    import signal
+
+    from cluster.agent import ExecutorAgent, build_adapter
+
+    if capacity < 1:
+        fail(f"--capacity: >= 1, got {capacity}")
+    try:
+        adapter = build_adapter(type_)
+    except ValueError as exc:
+        fail(str(exc))
+    eps = call(resolve_endpoints, endpoints, data_dir)
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    agent = ExecutorAgent(adapter, executor_id=executor_id or name, name=name, executor_type=type_,
+                          capacity=capacity, endpoints=eps, heartbeat_interval_s=heartbeat_interval_s)
+
+    async def main_async() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await agent.run(stop)
+
+    asyncio.run(main_async())
+    summary = agent.status()
+    if output == Output.json:
+        emit_json(summary)
+    else:
+        console.print(f"executor {agent.executor_id} stopped: {summary['attempts_completed_total']} completed, "
+                      f"{summary['attempts_failed_total']} failed, {summary['outbox_total']} reports unacked")
+
+
 def main() -> None:
     app()
 

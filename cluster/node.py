@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.dispatch import DispatchSettings, Dispatcher
 from cluster.proposer import Proposer, ProposerLimits
 from cluster.raft import ROLE_NAMES, RaftLog
 from cluster.raft_patches import CoordinatorTransport, recommended_conf_kwargs
@@ -58,6 +59,7 @@ class NodeConfig:
     log_compaction_min_time_s: float = 300.0
     journal_bytes_compact: int = 64 << 20
     raft_overrides: dict[str, Any] = field(default_factory=dict)
+    dispatch: DispatchSettings = field(default_factory=DispatchSettings)
 
     @property
     def me(self) -> NodeAddress:
@@ -94,6 +96,7 @@ class Node:
         self.raft: RaftLog | None = None
         self.journal: LmdbJournal | None = None
         self.proposer: Proposer | None = None
+        self.dispatcher: Dispatcher | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
 
@@ -124,6 +127,17 @@ class Node:
             on_applied=waiters.notify_threadsafe,
         )
         self.proposer = Proposer(self.raft, loop, config.proposer)
+        grpc_by_raft = {n.raft_address: n.grpc_address for n in config.nodes}
+
+        def leader_grpc_address() -> str | None:
+            leader = self.raft.status_cache.get("leader") if self.raft else None
+            return grpc_by_raft.get(getattr(leader, "address", ""))
+
+        self.dispatcher = Dispatcher(
+            node_id=me.id, fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters,
+            is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
+            settings=config.dispatch,
+        )
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -131,7 +145,7 @@ class Node:
         ])
         service = CoordinatorService(
             fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters, limits=config.limits,
-            node_status=self.status,
+            node_status=self.status, dispatcher=self.dispatcher,
         )
         pb_grpc.add_CoordinatorServicer_to_server(service, self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -146,6 +160,7 @@ class Node:
             raise SystemExit(f"grpc_address: cannot bind {me.grpc_address}")
         await self.server.start()
         self.raft.start(journal_bytes_compact=config.journal_bytes_compact)
+        await self.dispatcher.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("node %s serving gRPC on %s, raft on %s", me.id, me.grpc_address, me.raft_address)
 
@@ -184,6 +199,8 @@ class Node:
         )
 
     async def stop(self) -> None:
+        if self.dispatcher is not None:
+            await self.dispatcher.stop()
         if self.server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             await self.server.stop(grace=1.0)

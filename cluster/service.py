@@ -73,7 +73,10 @@ def task_to_pb(record: TaskRecord) -> pb.Task:
         dependencies=list(record.dependencies), assigned_executor=record.assigned_executor or "",
         status=record.status, created_at_unix_ms=record.created_at_ms, updated_at_unix_ms=record.updated_at_ms,
         max_attempts=record.max_attempts, metadata=record.metadata or {}, created_index=record.created_index,
-        cancel_reason=record.cancel_reason,
+        cancel_reason=record.cancel_reason, attempt=record.attempt, result_json=record.result_json,
+        error=record.error, not_before_unix_ms=record.not_before_ms,
+        attempts=[pb.AttemptRecord(attempt=h[0], executor_id=h[1], outcome=h[2], error=h[3], ended_unix_ms=h[5])
+                  for h in record.history],
     )
 
 
@@ -133,7 +136,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         waiters: AppliedWaiters,
         limits: Limits,
         node_status: Callable[[bool], pb.NodeStatus],
+        dispatcher: Any = None,
     ) -> None:
+        self._dispatcher = dispatcher
         self._fsm = fsm
         self._lock = fsm_lock
         self._proposer = proposer
@@ -290,6 +295,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     # -- cluster -------------------------------------------------------------------------
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:  # noqa: N802
         return pb.ClusterStatusResponse(node=self._node_status(request.include_state_hash))
+
+    async def ExecutorStream(self, request_iterator, context) -> AsyncIterator[pb.DispatchMessage]:  # noqa: N802
+        async for message in self._dispatcher.executor_stream(request_iterator, context):
+            yield message
+
+    async def RelayHeartbeats(self, request: pb.RelayHeartbeatsRequest, context) -> pb.RelayHeartbeatsResponse:  # noqa: N802
+        self._dispatcher.relay(list(request.executor_ids))
+        return pb.RelayHeartbeatsResponse()
 
     async def Watch(self, request: pb.WatchRequest, context) -> AsyncIterator[pb.Event]:  # noqa: N802
         kinds = set(request.kinds)

@@ -15,7 +15,7 @@ class Limits:
     task_description_bytes_max: int = 4 * 1024
     task_type_chars_max: int = 64
     task_name_chars_max: int = 128
-    dependencies_per_task_max: int = 256
+    dependencies_per_task_max: int = 10_000  # real workflows fan in: Montage has a 662-way join
     metadata_entries_max: int = 32
     metadata_key_chars_max: int = 64
     metadata_value_bytes_max: int = 1024

@@ -1,0 +1,693 @@
+"""The executor agent runtime: the client side of `Coordinator.ExecutorStream`.
+
+One agent = one executor identity (`executor_id`) running one `ExecutorAdapter`. It keeps a
+single bidirectional stream open to ANY coordinator node and:
+
+    hello(ExecutorSpec) ──►                        ◄── welcome(heartbeat_interval_s, lease_ttl_s)
+                                                   ◄── assignment(task_id, attempt, ...)
+    started / completed / failed ──►               ◄── ack(task_id, attempt, accepted)
+    heartbeat(running attempts), every interval ──►
+                                                   ◄── cancel(task_id, attempt)
+
+Guarantees the agent gives the cluster (the cluster's own fencing makes the rest safe):
+
+* At most one local run per attempt. `(task_id, attempt)` is the fencing token; after a
+  reconnect the server re-sends every attempt still leased to this executor, so an assignment
+  whose attempt is running or finished locally is ignored (finished attempts are remembered in
+  a bounded LRU, far larger than anything the server can still have leased to us).
+* Reports survive a broken stream. started/completed/failed go to a bounded outbox and stay
+  there until the server acks them; after reconnecting, each unacked report is sent again
+  (the attempt's lease may still be valid on the cluster), and on a healthy stream a report
+  unacked for `report_resend_interval_s` is sent again too (the server sends no ack when its
+  proposal's outcome is unknown). Re-sending is safe: the cluster fences by (task_id, attempt).
+  `ack(accepted=false)` means stale or fenced: the report is dropped, never retried. A terminal
+  report supersedes `started`.
+* Results of attempts the server cancels are discarded: no completed/failed report is sent for
+  them (the server already decided their fate, and any report would be rejected as stale).
+* A broken stream (node killed, UNAVAILABLE, EOF, write timeout) → reconnect to the NEXT
+  endpoint with bounded exponential backoff, forever until stopped. Running attempts keep
+  running meanwhile; their reports wait in the outbox.
+* Clean shutdown: running attempts are cancelled and reported `failed` (retryable, "executor
+  shutting down") so the cluster can re-queue them without waiting for the lease to expire;
+  the outbox is flushed for a bounded time; the channel is closed.
+
+Progress reported by the adapter through `ExecutionContext.progress` is recorded locally only:
+the protocol has no progress message yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from executors.base import (
+    ExecutorAdapter,
+    ExecutorResult,
+    ExecutorTask,
+    LocalContext,
+    PermanentTaskError,
+    RetryableTaskError,
+    TaskCancelled,
+    TaskError,
+    task_error_from,
+)
+from proto import coordinator_pb2 as pb
+from proto import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+GRPC_MESSAGE_BYTES_MAX = 32 << 20          # same as cluster.client: big inputs/outputs fit
+ERROR_MESSAGE_CHARS_MAX = 4_096            # error text of a failed report; the rest is cut
+
+
+# ------------------------------------------------------------------------------------------ limits
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    """Every bound of the agent, unit last (STYLE §8)."""
+
+    reconnect_backoff_initial_s: float = 0.1    # first wait after a broken stream
+    reconnect_backoff_max_s: float = 2.0        # the wait doubles up to this
+    welcome_timeout_s: float = 5.0              # hello sent, no welcome yet → try the next endpoint
+    write_timeout_s: float = 10.0               # a write that blocks this long means a dead peer
+    heartbeat_interval_min_s: float = 0.01      # clamp of the server's heartbeat_interval_s ...
+    heartbeat_interval_max_s: float = 60.0      # ... so a bad value cannot spin or starve the lease
+    outbox_reports_max: int = 10_000            # attempts with unacked reports; oldest dropped beyond
+    report_resend_interval_s: float = 2.0       # a report unacked this long is sent again
+    finished_attempts_remembered_max: int = 100_000  # dedup memory of locally finished attempts
+    cancel_grace_s: float = 2.0                 # after a cancel, wait this long for the adapter to stop
+    shutdown_grace_s: float = 5.0               # on stop, wait this long for cancelled attempts to end
+    shutdown_flush_s: float = 2.0               # then this long for the outbox to be acked
+    progress_reports_max: int = 100             # progress reports kept per running attempt
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"AgentLimits.{name}: a number > 0, got {value!r}")
+        if self.reconnect_backoff_max_s < self.reconnect_backoff_initial_s:
+            raise ValueError("AgentLimits.reconnect_backoff_max_s: >= reconnect_backoff_initial_s")
+        if self.heartbeat_interval_max_s < self.heartbeat_interval_min_s:
+            raise ValueError("AgentLimits.heartbeat_interval_max_s: >= heartbeat_interval_min_s")
+
+
+# ---------------------------------------------------------------------------------------- adapters
+
+
+def _algorithmic() -> ExecutorAdapter:
+    from executors.algorithmic import AlgorithmicAdapter
+
+    return AlgorithmicAdapter()
+
+
+# Executor type → adapter factory. Only the built-in algorithmic executor exists so far.
+ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {"algorithmic": _algorithmic}
+
+
+def build_adapter(executor_type: str) -> ExecutorAdapter:
+    """The adapter of `executor_type`; ValueError naming the valid types otherwise."""
+    factory = ADAPTER_FACTORIES.get(executor_type)
+    if factory is None:
+        raise ValueError(f"--type: {executor_type!r} has no adapter; valid types: {', '.join(sorted(ADAPTER_FACTORIES))}")
+    return factory()
+
+
+# ----------------------------------------------------------------------------------------- context
+
+
+class AttemptContext(LocalContext):
+    """The ExecutionContext of one running attempt.
+
+    `progress()` is validated and kept in a bounded local list (LocalContext) — it is NOT sent to
+    the server yet, because the protocol has no progress message. `cancelled` turns true when the
+    server cancels the attempt or the agent shuts down."""
+
+    def __init__(self, *, progress_reports_max: int) -> None:
+        super().__init__(progress_reports_max=progress_reports_max)
+
+    @property
+    def last_progress(self) -> float | None:
+        reports = self.reports
+        return reports[-1].fraction if reports else None
+
+
+# ----------------------------------------------------------------------------------- internal state
+
+AttemptKey = tuple[str, int]                 # (task_id, attempt): the fencing token
+
+
+@dataclass
+class _Running:
+    key: AttemptKey
+    type: str
+    ctx: AttemptContext
+    task: asyncio.Task[None] | None = None
+    cancelled_by_server: bool = False
+    hard_cancel: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class _Pending:
+    """The unacked reports of one attempt.
+
+    `started` is kept until acked, but once a terminal report exists it is only sent on a stream
+    where it was never sent before (so the server sees started before completed); after a
+    reconnect the terminal report alone is re-sent, since it supersedes started. `acks_expected`
+    counts reports about this attempt sent on the current stream and not yet acked: acks carry
+    only (task_id, attempt), so counting is how an ack of `started` is told apart from an ack of
+    the terminal report that follows it.
+
+    The server sends no ack when a report's outcome is unknown (its Raft proposal failed), so a
+    report unacked for `report_resend_interval_s` is sent again on the same stream; that resets
+    the count, since the earlier send may never be acked."""
+
+    started: pb.ExecutorMessage | None = None
+    terminal: pb.ExecutorMessage | None = None
+    started_sent_stream: int = 0             # stream generation it was last sent on (0 = never)
+    terminal_sent_stream: int = 0
+    acks_expected: int = 0
+    sent_s: float = 0.0                      # loop time of the last send (for the resend timer)
+
+
+class _StreamBroken(Exception):
+    """The current stream ended or misbehaved; reconnect."""
+
+
+@dataclass
+class AgentCounters:
+    connects_total: int = 0
+    stream_failures_total: int = 0
+    assignments_total: int = 0
+    assignments_duplicate_total: int = 0
+    assignments_over_capacity_total: int = 0
+    attempts_started_total: int = 0
+    attempts_completed_total: int = 0
+    attempts_failed_total: int = 0
+    attempts_discarded_total: int = 0       # cancelled by the server: result not reported
+    reports_sent_total: int = 0
+    reports_resent_total: int = 0           # sent again on the same stream after no ack in time
+    reports_acked_total: int = 0
+    reports_rejected_total: int = 0
+    reports_dropped_outbox_full_total: int = 0
+    heartbeats_sent_total: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(vars(self))
+
+
+# ------------------------------------------------------------------------------------------- agent
+
+
+class ExecutorAgent:
+    """Runs `adapter` as executor `executor_id`, connected to one of `endpoints` at a time.
+
+        agent = ExecutorAgent(AlgorithmicAdapter(), executor_id="w1", name="w1",
+                              executor_type="algorithmic", capacity=4, endpoints=["127.0.0.1:7001"])
+        stop = asyncio.Event()
+        await agent.run(stop)          # returns after stop is set and shutdown finished
+    """
+
+    def __init__(
+        self,
+        adapter: ExecutorAdapter,
+        *,
+        executor_id: str,
+        name: str,
+        executor_type: str,
+        capacity: int,
+        endpoints: Sequence[str],
+        heartbeat_interval_s: float = 1.0,
+        metadata: Mapping[str, str] | None = None,
+        limits: AgentLimits | None = None,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        if not isinstance(executor_id, str) or not executor_id:
+            raise ValueError("executor_id: a non-empty str (the same id after a reconnect resumes its leases)")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity: an int >= 1, got {capacity!r}")
+        if not endpoints or not all(isinstance(e, str) and e for e in endpoints):
+            raise ValueError("endpoints: at least one host:port")
+        if not heartbeat_interval_s > 0:
+            raise ValueError(f"heartbeat_interval_s: > 0, got {heartbeat_interval_s!r}")
+        self.adapter = adapter
+        self.executor_id = executor_id
+        self.name = name or executor_id
+        self.executor_type = executor_type
+        self.capacity = capacity
+        self.endpoints = list(endpoints)
+        self.limits = limits or AgentLimits()
+        self.default_heartbeat_interval_s = heartbeat_interval_s
+        self.metadata = dict(metadata or {})
+        self.channel_options = [
+            ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
+            ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
+            *channel_options,
+        ]
+        self.counters = AgentCounters()
+
+        self._running: dict[AttemptKey, _Running] = {}
+        # Insertion-ordered so the oldest entry is the one dropped when a bound is hit.
+        self._finished: OrderedDict[AttemptKey, str] = OrderedDict()
+        self._outbox: OrderedDict[AttemptKey, _Pending] = OrderedDict()
+        self._outbox_changed = asyncio.Event()
+        self._stream_generation = 0          # bumped per stream; 0 = no stream yet
+        self._connected_endpoint: str | None = None
+        self._node_id = ""
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._lease_ttl_s = 0.0
+        self._connected = asyncio.Event()
+        self._stopping = False
+        self._spec = self._build_spec()
+
+    # ------------------------------------------------------------------------------- public
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Connect, run assignments, reconnect on failure; return once `stop` is set and the
+        shutdown (cancel running attempts, flush reports for a bounded time, close) is done."""
+        connection = asyncio.create_task(self._connection_loop(), name=f"agent-{self.executor_id}-connection")
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({connection, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if connection in done:
+                connection.result()        # the loop only ends by an exception (a bug): surface it
+            await self._shutdown()
+        finally:
+            stopper.cancel()
+            connection.cancel()
+            await asyncio.gather(connection, stopper, return_exceptions=True)
+            # Attempts still alive here ignored two cancellations; do not wait for them forever.
+            for running in list(self._running.values()):
+                if running.task is not None:
+                    running.task.cancel()
+            self._connected.clear()
+            self._connected_endpoint = None
+            log.info("executor %s stopped", self.executor_id)
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._connected.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def running_attempts(self) -> list[AttemptKey]:
+        return sorted(k for k, r in self._running.items() if not r.cancelled_by_server)
+
+    def progress_of(self, task_id: str, attempt: int) -> list[tuple[float, str]]:
+        running = self._running.get((task_id, attempt))
+        return [(r.fraction, r.message) for r in running.ctx.reports] if running else []
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-serializable snapshot."""
+        return {
+            "executor_id": self.executor_id,
+            "name": self.name,
+            "type": self.executor_type,
+            "capacity": self.capacity,
+            "connected": self._connected.is_set(),
+            "endpoint": self._connected_endpoint,
+            "node_id": self._node_id,
+            "heartbeat_interval_s": self._heartbeat_interval_s,
+            "lease_ttl_s": self._lease_ttl_s,
+            "running": [{"task_id": t, "attempt": a} for t, a in self.running_attempts()],
+            "outbox_total": len(self._outbox),
+            "finished_remembered_total": len(self._finished),
+            **self.counters.as_dict(),
+        }
+
+    # ------------------------------------------------------------------------------- connection
+
+    def _build_spec(self) -> pb.ExecutorSpec:
+        caps = self.adapter.get_capabilities()
+        return pb.ExecutorSpec(
+            id=self.executor_id, name=self.name, type=self.executor_type,
+            supported_task_types=list(caps.supported_task_types),
+            input_schema_json=json.dumps(caps.input_schema, sort_keys=True),
+            output_schema_json=json.dumps(caps.output_schema, sort_keys=True),
+            performance_profile_json=json.dumps(caps.performance_profile, sort_keys=True),
+            context_window_size=caps.context_window_size, capacity=self.capacity, metadata=self.metadata,
+        )
+
+    async def _connection_loop(self) -> None:
+        """Forever: one stream to one endpoint; on failure the next endpoint after a backoff."""
+        endpoint_index = 0
+        backoff_s = self.limits.reconnect_backoff_initial_s
+        while True:
+            endpoint = self.endpoints[endpoint_index % len(self.endpoints)]
+            welcomed = False
+            try:
+                await self._session(endpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:        # noqa: BLE001 — whatever broke the stream, reconnect
+                self.counters.stream_failures_total += 1
+                welcomed = self._connected.is_set()
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    detail = f"{exc.code().name}: {exc.details()}"
+                elif isinstance(exc, (_StreamBroken, asyncio.TimeoutError, OSError)):
+                    detail = repr(exc)
+                else:                       # a bug here: keep the trace, but keep the agent alive
+                    log.exception("executor %s: unexpected error on the stream", self.executor_id)
+                    detail = repr(exc)
+                log.warning("executor %s: stream to %s broke (%s); %d attempts keep running, %d reports pending",
+                            self.executor_id, endpoint, detail, len(self._running), len(self._outbox))
+            finally:
+                self._connected.clear()
+                self._connected_endpoint = None
+            if welcomed:
+                # The stream worked: the failure is fresh, so retry quickly before backing off.
+                backoff_s = self.limits.reconnect_backoff_initial_s
+            endpoint_index += 1
+            # Jitter spreads the reconnects of many executors after a node dies.
+            await asyncio.sleep(backoff_s * random.uniform(0.5, 1.0))
+            backoff_s = min(backoff_s * 2, self.limits.reconnect_backoff_max_s)
+
+    async def _session(self, endpoint: str) -> None:
+        """One stream: hello, welcome, then read and write until it breaks. Ends only by an
+        exception (the reason the stream broke) or by cancellation."""
+        self._stream_generation += 1
+        generation = self._stream_generation
+        channel = grpc.aio.insecure_channel(endpoint, options=self.channel_options)
+        call = None
+        try:
+            call = pb_grpc.CoordinatorStub(channel).ExecutorStream()
+            await self._write(call, pb.ExecutorMessage(hello=pb.ExecutorHello(executor=self._spec)))
+            first = await asyncio.wait_for(call.read(), self.limits.welcome_timeout_s)
+            if first is grpc.aio.EOF:
+                raise _StreamBroken("stream ended before welcome")
+            if first.WhichOneof("kind") != "welcome":
+                raise _StreamBroken(f"expected welcome first, got {first.WhichOneof('kind')}")
+            self._on_welcome(endpoint, first.welcome)
+            # Everything sent on an older stream is resent here: its acks will never come.
+            for pending in self._outbox.values():
+                pending.acks_expected = 0
+            self._outbox_changed.set()
+            reader = asyncio.create_task(self._read_loop(call, generation))
+            writer = asyncio.create_task(self._write_loop(call, generation))
+            try:
+                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                for finished in done:
+                    finished.result()          # raises the failure that ended the stream
+                raise _StreamBroken("stream loop ended")
+            finally:
+                reader.cancel()
+                writer.cancel()
+                await asyncio.gather(reader, writer, return_exceptions=True)
+        finally:
+            if call is not None:
+                call.cancel()
+            await channel.close(grace=None)
+
+    def _on_welcome(self, endpoint: str, welcome: pb.Welcome) -> None:
+        interval_s = welcome.heartbeat_interval_s or self.default_heartbeat_interval_s
+        self._heartbeat_interval_s = min(max(interval_s, self.limits.heartbeat_interval_min_s),
+                                         self.limits.heartbeat_interval_max_s)
+        self._lease_ttl_s = welcome.lease_ttl_s
+        self._node_id = welcome.node_id
+        self._connected_endpoint = endpoint
+        self._connected.set()
+        self.counters.connects_total += 1
+        if welcome.executor_id and welcome.executor_id != self.executor_id:
+            log.warning("executor %s: welcome names executor %r", self.executor_id, welcome.executor_id)
+        log.info("executor %s connected to %s (node %s, heartbeat %.3f s, lease %.3f s)", self.executor_id,
+                 endpoint, welcome.node_id, self._heartbeat_interval_s, welcome.lease_ttl_s)
+
+    async def _write(self, call: Any, message: pb.ExecutorMessage) -> None:
+        # A peer that stopped reading (paused, partitioned) eventually blocks writes on flow
+        # control; a bounded wait turns that into a reconnect instead of a hang.
+        await asyncio.wait_for(call.write(message), self.limits.write_timeout_s)
+
+    async def _read_loop(self, call: Any, generation: int) -> None:
+        while True:
+            message = await call.read()
+            if message is grpc.aio.EOF:
+                raise _StreamBroken("server closed the stream")
+            kind = message.WhichOneof("kind")
+            if kind == "assignment":
+                self._on_assignment(message.assignment)
+            elif kind == "cancel":
+                await self._on_cancel(message.cancel)
+            elif kind == "ack":
+                self._on_ack(message.ack, generation)
+            elif kind == "welcome":
+                log.warning("executor %s: ignoring a second welcome", self.executor_id)
+            else:
+                log.warning("executor %s: ignoring unknown dispatch message %r", self.executor_id, kind)
+
+    async def _write_loop(self, call: Any, generation: int) -> None:
+        """The only writer of the stream (a stream allows one write at a time): unsent reports
+        from the outbox, and a heartbeat every heartbeat interval. The outbox is the queue, so
+        nothing here grows without bound."""
+        loop = asyncio.get_running_loop()
+        resend_interval_s = self.limits.report_resend_interval_s
+        next_heartbeat_s = loop.time()
+        while True:
+            self._outbox_changed.clear()
+            next_resend_s = float("inf")
+            for key in list(self._outbox):
+                pending = self._outbox.get(key)
+                if pending is None:
+                    continue
+                now_s = loop.time()
+                if pending.acks_expected > 0 and now_s - pending.sent_s >= resend_interval_s:
+                    self._mark_for_resend(pending)
+                    self.counters.reports_resent_total += 1
+                messages = self._unsent(pending, generation)
+                if messages:
+                    # Counted before writing: the ack of `started` may be read while the terminal
+                    # report is still being written, and must not look like the last ack.
+                    pending.acks_expected += len(messages)
+                    pending.sent_s = now_s
+                    for message in messages:
+                        self.counters.reports_sent_total += 1
+                        await self._write(call, message)
+                if pending.acks_expected > 0:
+                    next_resend_s = min(next_resend_s, pending.sent_s + resend_interval_s)
+            now_s = loop.time()
+            if now_s >= next_heartbeat_s:
+                running = [pb.RunningAttempt(task_id=t, attempt=a) for t, a in self.running_attempts()]
+                await self._write(call, pb.ExecutorMessage(heartbeat=pb.Heartbeat(running=running)))
+                self.counters.heartbeats_sent_total += 1
+                next_heartbeat_s = now_s + self._heartbeat_interval_s
+            wake_s = min(next_heartbeat_s, next_resend_s)
+            try:
+                await asyncio.wait_for(self._outbox_changed.wait(), max(0.0, wake_s - loop.time()))
+            except asyncio.TimeoutError:
+                pass
+
+    @staticmethod
+    def _mark_for_resend(pending: _Pending) -> None:
+        """Unacked too long: send the latest report again (terminal if any, else started). A late
+        ack of the earlier send may still arrive; it then counts for the resent report — at worst
+        a terminal report is dropped early and the lease expires (the cluster retries)."""
+        pending.acks_expected = 0
+        if pending.terminal is not None:
+            pending.terminal_sent_stream = 0
+        else:
+            pending.started_sent_stream = 0
+
+    @staticmethod
+    def _unsent(pending: _Pending, generation: int) -> list[pb.ExecutorMessage]:
+        """Reports of `pending` to send on stream `generation`, marked as sent on it."""
+        messages = []
+        if pending.started is not None and pending.started_sent_stream != generation:
+            # With a terminal report queued, started goes out only if it never went out at all.
+            if pending.terminal is None or pending.started_sent_stream == 0:
+                messages.append(pending.started)
+            pending.started_sent_stream = generation
+        if pending.terminal is not None and pending.terminal_sent_stream != generation:
+            messages.append(pending.terminal)
+            pending.terminal_sent_stream = generation
+        return messages
+
+    # --------------------------------------------------------------------------------- outbox
+
+    def _queue_report(self, key: AttemptKey, message: pb.ExecutorMessage, *, terminal: bool) -> None:
+        pending = self._outbox.get(key)
+        if pending is None:
+            while len(self._outbox) >= self.limits.outbox_reports_max:
+                # Dropping is safe: the lease of that attempt expires and the cluster re-queues it.
+                dropped_key, _ = self._outbox.popitem(last=False)
+                self.counters.reports_dropped_outbox_full_total += 1
+                log.warning("executor %s: outbox full (%d); dropped the reports of %s", self.executor_id,
+                            self.limits.outbox_reports_max, dropped_key)
+            pending = self._outbox[key] = _Pending()
+        if terminal:
+            pending.terminal = message
+            pending.terminal_sent_stream = 0
+        else:
+            pending.started = message
+            pending.started_sent_stream = 0
+        self._outbox_changed.set()
+
+    def _on_ack(self, ack: pb.ReportAck, generation: int) -> None:
+        key = (ack.task_id, ack.attempt)
+        pending = self._outbox.get(key)
+        if pending is None:
+            return                          # a late ack of a dropped or discarded report
+        pending.acks_expected = max(0, pending.acks_expected - 1)
+        if not ack.accepted:
+            # Stale or fenced: the cluster has moved on; retrying cannot help.
+            self.counters.reports_rejected_total += 1
+            del self._outbox[key]
+            log.info("executor %s: report of %s rejected (%s); dropped", self.executor_id, key, ack.error)
+            return
+        self.counters.reports_acked_total += 1
+        if pending.acks_expected > 0:
+            return                          # another report of this attempt is still in flight
+        if pending.terminal is None or pending.terminal_sent_stream == generation:
+            del self._outbox[key]           # everything about this attempt is acked
+        else:
+            pending.started = None          # started acked; the terminal report is still to send
+
+    # ------------------------------------------------------------------------------ assignments
+
+    def _remember_finished(self, key: AttemptKey, outcome: str) -> None:
+        self._finished[key] = outcome
+        self._finished.move_to_end(key)
+        while len(self._finished) > self.limits.finished_attempts_remembered_max:
+            self._finished.popitem(last=False)
+
+    def _on_assignment(self, assignment: pb.Assignment) -> None:
+        key = (assignment.task_id, assignment.attempt)
+        self.counters.assignments_total += 1
+        if not assignment.task_id:
+            log.warning("executor %s: ignoring an assignment without task_id", self.executor_id)
+            return
+        if key in self._running or key in self._finished:
+            # Re-sent after a reconnect: the attempt runs or ran here already. Its unacked
+            # reports, if any, are in the outbox and were re-sent on this stream.
+            self.counters.assignments_duplicate_total += 1
+            log.debug("executor %s: duplicate assignment %s ignored", self.executor_id, key)
+            return
+        if self._stopping:
+            self._reject(key, RetryableTaskError("executor shutting down"))
+            return
+        if len(self._running) >= self.capacity:
+            self.counters.assignments_over_capacity_total += 1
+            self._reject(key, RetryableTaskError(
+                f"executor at capacity: {len(self._running)} attempts running, capacity {self.capacity}"))
+            return
+        try:
+            task_input = json.loads(assignment.input_json) if assignment.input_json else None
+        except ValueError as exc:
+            self._reject(key, PermanentTaskError(f"input_json: not valid JSON ({exc})"))
+            return
+        try:
+            task = ExecutorTask(task_id=assignment.task_id, attempt=assignment.attempt, type=assignment.type,
+                                input=task_input, metadata=dict(assignment.metadata),
+                                deadline_ms=max(0, assignment.deadline_unix_ms))
+        except Exception as exc:            # noqa: BLE001 — the invariant names the bad field
+            self._reject(key, PermanentTaskError(f"bad assignment: {exc}"))
+            return
+        running = _Running(key=key, type=task.type,
+                           ctx=AttemptContext(progress_reports_max=self.limits.progress_reports_max))
+        self._running[key] = running
+        self.counters.attempts_started_total += 1
+        self._queue_report(key, pb.ExecutorMessage(started=pb.AttemptStarted(task_id=key[0], attempt=key[1])),
+                           terminal=False)
+        running.task = asyncio.create_task(self._run_attempt(running, task), name=f"attempt-{key[0]}-{key[1]}")
+        log.info("executor %s: running %s %s", self.executor_id, task.type, key)
+
+    def _reject(self, key: AttemptKey, error: TaskError) -> None:
+        """Report an attempt failed without running it."""
+        self._remember_finished(key, "rejected")
+        self.counters.attempts_failed_total += 1
+        self._queue_report(key, _failed_message(key, error), terminal=True)
+        log.info("executor %s: rejected %s: %s", self.executor_id, key, error.message)
+
+    async def _run_attempt(self, running: _Running, task: ExecutorTask) -> None:
+        key = running.key
+        try:
+            result = await self.adapter.execute(task, running.ctx)
+            if not isinstance(result, ExecutorResult):
+                raise PermanentTaskError(f"adapter returned {type(result).__name__}, not ExecutorResult")
+            message = pb.ExecutorMessage(completed=pb.AttemptCompleted(
+                task_id=key[0], attempt=key[1], output_json=json.dumps(result.output)))
+            outcome = "completed"
+        except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 — mapped in one place
+            error = task_error_from(exc)
+            if self._stopping and isinstance(error, TaskCancelled) and not running.cancelled_by_server:
+                # Cancelled by our own shutdown, not by the cluster: another executor may succeed.
+                error = RetryableTaskError(f"executor shutting down: {error.message}")
+            message = _failed_message(key, error)
+            outcome = "failed"
+        finally:
+            if running.hard_cancel is not None:
+                running.hard_cancel.cancel()
+            self._running.pop(key, None)
+        if running.cancelled_by_server:
+            self._remember_finished(key, "cancelled")
+            self.counters.attempts_discarded_total += 1
+            log.info("executor %s: %s ended after cancel (%s); result discarded", self.executor_id, key, outcome)
+            return
+        self._remember_finished(key, outcome)
+        if outcome == "completed":
+            self.counters.attempts_completed_total += 1
+        else:
+            self.counters.attempts_failed_total += 1
+        self._queue_report(key, message, terminal=True)
+        log.info("executor %s: %s %s", self.executor_id, key, outcome)
+
+    async def _on_cancel(self, cancel: pb.CancelAttempt) -> None:
+        # attempt 0 = every attempt of the task (defensive; the server names the attempt).
+        keys = [k for k in self._running if k[0] == cancel.task_id and cancel.attempt in (0, k[1])]
+        for key in [k for k in self._outbox if k[0] == cancel.task_id and cancel.attempt in (0, k[1])]:
+            del self._outbox[key]           # results of cancelled attempts are discarded
+        if cancel.attempt and not keys:
+            # Not running (finished, or never seen): make sure a late assignment does not start it.
+            self._remember_finished((cancel.task_id, cancel.attempt), "cancelled")
+        for key in keys:
+            running = self._running[key]
+            running.cancelled_by_server = True
+            running.ctx.cancel()
+            if running.task is not None:
+                # A cooperative stop is asked first; an adapter that ignores it is cancelled hard.
+                running.hard_cancel = asyncio.get_running_loop().call_later(
+                    self.limits.cancel_grace_s, running.task.cancel)
+            log.info("executor %s: cancel %s (%s)", self.executor_id, key, cancel.reason or "no reason")
+        if keys:
+            try:
+                # Bounded: this runs on the stream's read loop, which must keep reading.
+                await asyncio.wait_for(self.adapter.cancel(cancel.task_id), self.limits.cancel_grace_s)
+            except Exception:               # noqa: BLE001 — a buggy adapter must not break the stream
+                log.exception("executor %s: adapter.cancel(%r) failed", self.executor_id, cancel.task_id)
+
+    # ------------------------------------------------------------------------------- shutdown
+
+    async def _shutdown(self) -> None:
+        self._stopping = True
+        tasks = [r.task for r in self._running.values() if r.task is not None]
+        log.info("executor %s stopping: cancelling %d running attempts", self.executor_id, len(tasks))
+        for running in list(self._running.values()):
+            running.ctx.cancel()
+            try:
+                await asyncio.wait_for(self.adapter.cancel(running.key[0]), self.limits.cancel_grace_s)
+            except Exception:               # noqa: BLE001 — shutting down regardless
+                log.exception("executor %s: adapter.cancel(%r) failed", self.executor_id, running.key[0])
+            if running.task is not None:
+                running.task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self.limits.shutdown_grace_s)
+        # Give the connection a bounded chance to deliver the final reports.
+        loop = asyncio.get_running_loop()
+        flush_until_s = loop.time() + self.limits.shutdown_flush_s
+        while self._outbox and loop.time() < flush_until_s:
+            await asyncio.sleep(0.01)
+        if self._outbox:
+            log.warning("executor %s: %d reports unacked at shutdown; their leases will expire",
+                        self.executor_id, len(self._outbox))
+
+
+def _failed_message(key: AttemptKey, error: TaskError) -> pb.ExecutorMessage:
+    text = f"{error.code}: {error.message}"[:ERROR_MESSAGE_CHARS_MAX]
+    return pb.ExecutorMessage(failed=pb.AttemptFailed(task_id=key[0], attempt=key[1], error=text,
+                                                      retryable=error.retryable))

@@ -1,0 +1,203 @@
+"""Tasks run on real executor agent processes against a real 3-node cluster: a 1,000-task
+workflow in dependency order, an executor SIGKILLed or paused mid-task, the leader killed mid-DAG.
+What must hold: every task completes exactly once, never before its dependencies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cluster.client import CoordinatorClient
+from cluster.local import LocalCluster
+from proto import coordinator_pb2 as pb
+
+pytestmark = [pytest.mark.cluster, pytest.mark.chaos]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = os.path.join(os.path.dirname(ROOT), "shared", "workloads")
+RUNTIME_SCALE = 0.0005  # a 13 s task of the trace sleeps 6.5 ms
+
+
+class Executors:
+    """Executor agent processes (`coordctl executor run`), stopped by PID whatever happens."""
+
+    def __init__(self, cluster: LocalCluster) -> None:
+        self.cluster = cluster
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, capacity: int = 4) -> subprocess.Popen:
+        log = open(os.path.join(self.cluster.data_dir, f"executor-{name}.log"), "ab")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", "algorithmic", "--name", name,
+             "--capacity", str(capacity), "--endpoints", ",".join(self.cluster.endpoints)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def signal(self, name: str, sig: int) -> None:
+        self.procs[name].send_signal(sig)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture
+def executors(cluster3):
+    pool = Executors(cluster3)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()
+
+
+def wait_online(client: CoordinatorClient, count: int, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        listed = client.call("ListExecutors", pb.ListExecutorsRequest())
+        if sum(1 for e in listed.executors if e.status == "online") >= count:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} executors online after {timeout_s} s")
+
+
+def wait_final(client: CoordinatorClient, ids: list[str], timeout_s: float) -> list[pb.Task]:
+    deadline = time.monotonic() + timeout_s
+    tasks: list[pb.Task] = []
+    while time.monotonic() < deadline:
+        tasks = []
+        for start in range(0, len(ids), 1000):
+            tasks += list(client.wait_tasks(ids[start:start + 1000], 5).tasks)
+        if all(t.status in ("completed", "failed", "cancelled", "dead_letter") for t in tasks):
+            return tasks
+    statuses: dict[str, int] = {}
+    for t in tasks:
+        statuses[t.status] = statuses.get(t.status, 0) + 1
+    raise AssertionError(f"not final after {timeout_s} s: {statuses}")
+
+
+def events_by_task(endpoint: str, kinds: set[str], until_index: int) -> dict[str, list[tuple[int, str, str]]]:
+    out: dict[str, list[tuple[int, str, str]]] = {}
+    with CoordinatorClient([endpoint]) as client:
+        for event in client.watch(from_index=1, kinds=sorted(kinds), timeout_s=30):
+            out.setdefault(event.task_id, []).append((event.index, event.kind, event.executor_id))
+            if event.index >= until_index:
+                break
+    return out
+
+
+def test_workflow_runs_in_dependency_order_on_four_executors(cluster3, executors) -> None:
+    with open(os.path.join(WORKLOADS, "Montage_1000.dag.json")) as f:
+        workflow = json.load(f)["tasks"]
+    specs = [pb.TaskSpec(name=t["id"], type="sleep", input_json=json.dumps({"ms": int(t["runtime_s"] * 1000 * RUNTIME_SCALE)}),
+                         depends_on=t["deps"]) for t in workflow]
+    for i in range(4):
+        executors.start(f"w{i}", capacity=4)
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 4)
+        submitted = client.submit_dag(specs, "montage")
+        ids = list(submitted.ordered_ids)
+        tasks = wait_final(client, ids, timeout_s=240)
+        assert {t.status for t in tasks} == {"completed"}
+        final_index = client.call("ClusterStatus", pb.ClusterStatusRequest()).node.applied_index
+    events = events_by_task(cluster3.endpoints[0], {"TaskAssigned", "TaskCompleted"}, final_index)
+    name_of = dict(zip(ids, (t["id"] for t in workflow), strict=True))
+    id_of = {v: k for k, v in name_of.items()}
+    completed_at = {}
+    used = set()
+    for task_id in ids:
+        kinds = [e[1] for e in events[task_id]]
+        assert kinds.count("TaskCompleted") == 1, (task_id, kinds)  # exactly once
+        completed_at[task_id] = next(e[0] for e in events[task_id] if e[1] == "TaskCompleted")
+        used.update(e[2] for e in events[task_id])
+    for t in workflow:
+        assigned_at = min(e[0] for e in events[id_of[t["id"]]] if e[1] == "TaskAssigned")
+        for dep in t["deps"]:
+            assert completed_at[id_of[dep]] < assigned_at, f"{t['id']} assigned before {dep} completed"
+    assert used == {"w0", "w1", "w2", "w3"}  # the work was spread
+
+
+def test_executor_killed_mid_task_its_tasks_complete_elsewhere_once(cluster3, executors) -> None:
+    executors.start("doomed", capacity=4)
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 1)
+        ids = list(client.submit_dag([pb.TaskSpec(name=f"s{i}", type="sleep", input_json='{"ms": 3000}')
+                                      for i in range(4)]).ordered_ids)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if all(client.get_task(t).status == "executing" for t in ids):
+                break
+            time.sleep(0.05)
+        executors.signal("doomed", signal.SIGKILL)
+        executors.start("rescuer", capacity=4)
+        tasks = wait_final(client, ids, timeout_s=60)
+    for task in tasks:
+        assert task.status == "completed" and task.assigned_executor == "rescuer"
+        assert [(a.executor_id, a.outcome) for a in task.attempts] == [("doomed", "lost"), ("rescuer", "completed")]
+
+
+def test_paused_executor_past_its_lease_is_fenced_out(cluster3, executors) -> None:
+    """SIGSTOP an executor mid-task for longer than its lease: the leader declares it lost, the
+    task runs again elsewhere, and the paused executor's late result is rejected."""
+    executors.start("sleepy", capacity=1)
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 1)
+        task_id = client.submit_task(pb.TaskSpec(type="sleep", input_json='{"ms": 1500}')).task_id
+        deadline = time.monotonic() + 20
+        while client.get_task(task_id).status != "executing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        executors.signal("sleepy", signal.SIGSTOP)
+        executors.start("awake", capacity=1)
+        done = wait_final(client, [task_id], timeout_s=60)[0]
+        assert done.status == "completed" and done.assigned_executor == "awake"
+        executors.signal("sleepy", signal.SIGCONT)  # it finishes its stale attempt and reports it
+        log_path = os.path.join(cluster3.data_dir, "executor-sleepy.log")
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with open(log_path) as f:
+                if "StaleFencingToken" in f.read():
+                    break
+            time.sleep(0.1)
+        with open(log_path) as f:
+            assert "StaleFencingToken" in f.read(), "the late completion was not rejected"
+        again = client.get_task(task_id, linearizable=True)
+        wait_online(client, 2)  # talking again after the pause: re-registered, back online
+    assert again.status == "completed" and again.assigned_executor == "awake"
+    assert [(a.attempt, a.executor_id, a.outcome) for a in again.attempts] == [
+        (1, "sleepy", "lost"), (2, "awake", "completed")]
+
+
+def test_leader_killed_mid_dag_completes_without_duplicates(cluster3, executors) -> None:
+    specs = [pb.TaskSpec(name=f"n{i}", type="sleep", input_json='{"ms": 20}',
+                         depends_on=[f"n{i - 1}"] if i % 10 else []) for i in range(200)]
+    executors.start("a", capacity=4)
+    executors.start("b", capacity=4)
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 2)
+        ids = list(client.submit_dag(specs, "chains").ordered_ids)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            done = client.list_tasks(status=["completed"], limit=1).total_matching
+            if done >= 40:
+                break
+            time.sleep(0.05)
+        leader = cluster3.wait_leader()
+        cluster3.kill_node(leader)
+        tasks = wait_final(client, ids, timeout_s=120)
+        assert {t.status for t in tasks} == {"completed"}
+    cluster3.start_node(leader)
+    cluster3.wait_converged(timeout_s=60)
+    status = cluster3.statuses()[leader]
+    events = events_by_task(cluster3.node(leader).grpc_address, {"TaskCompleted"}, status.applied_index)
+    assert all([e[1] for e in events[t]].count("TaskCompleted") == 1 for t in ids)
