@@ -337,6 +337,24 @@ def task_cancel(
         console.print(f"{task_id}: {response.task.status}")
 
 
+@task_app.command("requeue")
+def task_requeue(
+    task_id: str,
+    extra_attempts: int = typer.Option(3, "--extra-attempts", help="attempts it gets from now on"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Re-queue a dead-lettered (or failed) task, e.g. after fixing what made it fail."""
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.call, "RequeueTask",
+                        pb.RequeueTaskRequest(task_id=task_id, extra_attempts=extra_attempts), retry=False)
+    if output == Output.json:
+        emit_json(task_dict(response.task))
+    else:
+        console.print(f"{task_id}: {response.task.status}")
+
+
 @task_app.command("wait")
 def task_wait(
     task_ids: list[str],
@@ -470,11 +488,13 @@ def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, out
         emit_json({"executors": rows})
         return
     table = Table(title="executors")
-    for column in ("id", "name", "type", "task types", "capacity", "status", "registered"):
+    for column in ("id", "type", "task types", "load", "status", "completed", "failed", "success", "registered"):
         table.add_column(column)
     for e in response.executors:
-        table.add_row(e.id, e.name, e.type, ",".join(e.supported_task_types), str(e.capacity), e.status,
-                      fmt_ms(e.registered_at_unix_ms))
+        finished = e.tasks_completed + e.tasks_failed
+        success = f"{100 * e.tasks_completed / finished:.0f} %" if finished else "—"
+        table.add_row(e.id, e.type, ",".join(e.supported_task_types), f"{e.load}/{e.capacity}", e.status,
+                      str(e.tasks_completed), str(e.tasks_failed), success, fmt_ms(e.registered_at_unix_ms))
     console.print(table)
 
 

@@ -448,6 +448,15 @@ class Dispatcher:
             await self._proposer.propose(cmd.executor_lost(now_ms(), executor_id,
                                                            f"no heartbeat for {self.settings.lease_ttl_s:.1f} s"))
 
+    async def _report_unschedulable(self, unschedulable: tuple, stamp: int) -> None:
+        items = []
+        for entry in unschedulable:
+            record = self._fsm.tasks.get(entry.task_id)
+            if record is not None and record.error != f"unschedulable: {entry.reason}":
+                items.append([entry.task_id, entry.reason])
+        if items:
+            await self._proposer.propose(cmd.mark_unschedulable(stamp, items))
+
     async def _schedule_round(self) -> int:
         stamp = now_ms()
         while self._delayed and self._delayed[0][0] <= stamp:
@@ -468,6 +477,7 @@ class Dispatcher:
         if not executors:
             return 0
         plan = self._policy.select(SchedulerView(self._queue, executors), stamp, self.settings.assign_batch_max)
+        await self._report_unschedulable(plan.unschedulable, stamp)
         items = []
         for assignment in plan.assignments:
             record = self._fsm.tasks.get(assignment.task_id)

@@ -80,8 +80,10 @@ def task_to_pb(record: TaskRecord) -> pb.Task:
     )
 
 
-def executor_to_pb(record: ExecutorRecord) -> pb.Executor:
+def executor_to_pb(record: ExecutorRecord, load: int = 0, connected_here: bool = False) -> pb.Executor:
     return pb.Executor(
+        load=load, tasks_completed=record.tasks_completed, tasks_failed=record.tasks_failed,
+        connected_here=connected_here,
         id=record.id, name=record.name, type=record.type, supported_task_types=list(record.task_types),
         capacity=record.capacity, status=record.status, registered_at_unix_ms=record.registered_at_ms,
         input_schema_json=record.input_schema_json, output_schema_json=record.output_schema_json,
@@ -289,8 +291,17 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def ListExecutors(self, request: pb.ListExecutorsRequest, context) -> pb.ListExecutorsResponse:  # noqa: N802
         await self._barrier(request.consistency, context)
         with self._lock:
-            records = list(self._fsm.executors.values())
-        return pb.ListExecutorsResponse(executors=[executor_to_pb(r) for r in records])
+            rows = [(r, len(self._fsm.executor_tasks.get(r.id, ()))) for r in self._fsm.executors.values()]
+        connected = self._dispatcher.connections if self._dispatcher is not None else {}
+        return pb.ListExecutorsResponse(executors=[executor_to_pb(r, load, r.id in connected) for r, load in rows])
+
+    async def RequeueTask(self, request: pb.RequeueTaskRequest, context) -> pb.RequeueTaskResponse:  # noqa: N802
+        extra = request.extra_attempts or self._limits.max_attempts_default
+        if not 1 <= extra <= self._limits.max_attempts_max:
+            await self._abort(context, "INVALID_ARGUMENT",
+                              f"extra_attempts: must be between 1 and {self._limits.max_attempts_max}, got {extra}")
+        await self._propose(cmd.requeue_task(now_ms(), request.task_id, extra), context)
+        return pb.RequeueTaskResponse(task=task_to_pb(self._fsm.tasks[request.task_id]))
 
     # -- cluster -------------------------------------------------------------------------
     async def ClusterStatus(self, request, context) -> pb.ClusterStatusResponse:  # noqa: N802

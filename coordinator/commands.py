@@ -37,6 +37,7 @@ class CommandType(IntEnum):
     FAIL_TASK = 9  # an attempt failed: retry after a stamped backoff, or dead-letter / fail
     EXECUTOR_LOST = 10  # the leader saw no heartbeat for a lease TTL: its tasks go back
     REQUEUE_TASK = 11  # an operator re-queues a dead-lettered or failed task
+    MARK_UNSCHEDULABLE = 12  # the scheduler found no executor that can ever run these tasks
 
 
 # Field order of one task spec in SUBMIT_TASKS. Append only.
@@ -129,3 +130,8 @@ def executor_lost(now_ms: int, executor_id: str, reason: str) -> dict[str, Any]:
 
 def requeue_task(now_ms: int, task_id: str, extra_attempts: int) -> dict[str, Any]:
     return {"t": CommandType.REQUEUE_TASK, "now": now_ms, "id": task_id, "extra_attempts": extra_attempts}
+
+
+def mark_unschedulable(now_ms: int, items: list[list[str]]) -> dict[str, Any]:
+    """items: [task_id, reason]"""
+    return {"t": CommandType.MARK_UNSCHEDULABLE, "now": now_ms, "items": items}

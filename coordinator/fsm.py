@@ -301,8 +301,9 @@ class CoordinatorFSM:
             record = self.tasks[task_id]
             self.ready.pop(task_id)
             self.executor_tasks[executor_id][task_id] = None
+            error = "" if record.error.startswith("unschedulable:") else record.error
             self._set_status(record, "assigned", now_ms, assigned_executor=executor_id, attempt=attempt,
-                             lease_expires_ms=now_ms + lease_ms, not_before_ms=0)
+                             lease_expires_ms=now_ms + lease_ms, not_before_ms=0, error=error)
             self._events.append(self._event(index, "TaskAssigned", task_id, executor_id, now_ms,
                                             _encoder.encode({"attempt": attempt, "lease_expires_ms": now_ms + lease_ms})))
             assigned.append(task_id)
@@ -431,6 +432,23 @@ class CoordinatorFSM:
         self._trim_events()
         return ApplyResult(True, {"id": task_id, "index": index})
 
+    def _apply_mark_unschedulable(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """Records why a pending task cannot run (no executor supports its type); it stays queued
+        and is assigned as soon as a capable executor registers."""
+        now_ms = command["now"]
+        marked = []
+        for task_id, reason in command["items"]:
+            record = self.tasks.get(task_id)
+            error = f"unschedulable: {reason}"
+            if record is None or record.status != "pending" or record.error == error:
+                continue
+            self.tasks[task_id] = record.replace(error=error, updated_at_ms=now_ms)
+            self._events.append(self._event(index, "TaskUnschedulable", task_id, "", now_ms,
+                                            _encoder.encode({"reason": reason})))
+            marked.append(task_id)
+        self._trim_events()
+        return ApplyResult(True, {"marked": marked, "index": index})
+
     def _take_back_tasks(self, index: int, executor_id: str, now_ms: int, reason: str) -> list[str]:
         """The executor's leased tasks go back to the queue (or dead-letter when out of attempts)."""
         requeued = []
@@ -465,6 +483,7 @@ class CoordinatorFSM:
         CommandType.FAIL_TASK: _apply_fail_task,
         CommandType.EXECUTOR_LOST: _apply_executor_lost,
         CommandType.REQUEUE_TASK: _apply_requeue_task,
+        CommandType.MARK_UNSCHEDULABLE: _apply_mark_unschedulable,
     }
 
     # ------------------------------------------------------------------ helpers

@@ -201,3 +201,40 @@ def test_leader_killed_mid_dag_completes_without_duplicates(cluster3, executors)
     status = cluster3.statuses()[leader]
     events = events_by_task(cluster3.node(leader).grpc_address, {"TaskCompleted"}, status.applied_index)
     assert all([e[1] for e in events[t]].count("TaskCompleted") == 1 for t in ids)
+
+
+def test_retries_dead_letter_requeue_unschedulable_and_cancel(cluster3, executors, tmp_path) -> None:
+    executors.start("worker", capacity=1)
+    data_dir = cluster3.data_dir
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 1)
+        flaky = client.submit_task(pb.TaskSpec(type="fail", input_json='{"times": 1}', max_attempts=3)).task_id
+        doomed = client.submit_task(pb.TaskSpec(type="fail", input_json='{"times": 2}', max_attempts=2)).task_id
+        gpu = client.submit_task(pb.TaskSpec(type="gpu_job")).task_id
+        flaky_done, doomed_done = wait_final(client, [flaky, doomed], timeout_s=60)
+        assert flaky_done.status == "completed" and [a.outcome for a in flaky_done.attempts] == ["failed", "completed"]
+        assert doomed_done.status == "dead_letter" and [a.outcome for a in doomed_done.attempts] == ["failed", "failed"]
+        # the operator's view, then the operator's fix
+        listed = subprocess.run(
+            [sys.executable, "-m", "cluster.cli", "task", "list", "--status", "dead_letter", "--output", "json"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "COORDCTL_DATA_DIR": data_dir})
+        assert [t["id"] for t in json.loads(listed.stdout)["tasks"]] == [doomed]
+        client.call("RequeueTask", pb.RequeueTaskRequest(task_id=doomed, extra_attempts=1), retry=False)
+        requeued = wait_final(client, [doomed], timeout_s=60)[0]
+        assert requeued.status == "completed" and requeued.attempt == 3
+        # no executor runs gpu_job: reported, not silently queued
+        deadline = time.monotonic() + 10
+        while "unschedulable" not in client.get_task(gpu).error and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shown = client.get_task(gpu)
+        assert shown.status == "pending" and "no executor" in shown.error, shown.error
+        # cancelling a running task reaches its executor and frees its only slot
+        long = client.submit_task(pb.TaskSpec(type="sleep", input_json='{"ms": 60000}')).task_id
+        deadline = time.monotonic() + 20
+        while client.get_task(long).status != "executing" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        client.cancel_task(long, "changed my mind")
+        after = client.submit_task(pb.TaskSpec(type="echo", input_json='{"x": 1}')).task_id
+        assert wait_final(client, [after], timeout_s=20)[0].status == "completed"
+    with open(os.path.join(data_dir, "executor-worker.log")) as f:
+        assert f"cancel ('{long}', 1)" in f.read()

@@ -107,6 +107,20 @@ def test_events_numbered_by_index_and_compacted() -> None:
     assert fsm.events_from(5, 100) == []
 
 
+def test_unschedulable_is_recorded_and_cleared_on_assignment() -> None:
+    fsm = CoordinatorFSM()
+    fsm.apply(2, cmd.submit_tasks(1, [[ "g", "", "gpu_job", "", "null", 50, 0, [], 3, None]], None))
+    marked = fsm.apply(3, cmd.mark_unschedulable(2, [["g", "no executor supports type 'gpu_job'"], ["nope", "x"]]))
+    assert marked.value["marked"] == ["g"] and fsm.tasks["g"].status == "pending"
+    assert fsm.tasks["g"].error == "unschedulable: no executor supports type 'gpu_job'"
+    assert fsm.apply(4, cmd.mark_unschedulable(3, [["g", "no executor supports type 'gpu_job'"]])).value["marked"] == []
+    spec = executor_spec("gpu")
+    spec["task_types"] = ["gpu_job"]
+    fsm.apply(5, cmd.register_executor(4, spec))
+    assert fsm.apply(6, cmd.assign_tasks(5, 1000, [["g", "gpu", 1]])).value["assigned"] == ["g"]
+    assert fsm.tasks["g"].error == ""
+
+
 def test_entry_joined_from_encoded_commands_equals_encoded_entry() -> None:
     commands = [cmd.submit_tasks(1, [task_row("a", ["b"])], "k"), cmd.noop(), cmd.cancel_task(2, "a", "é")]
     assert cmd.join_entry([cmd.encode_command(c) for c in commands]) == encode_entry(commands)
