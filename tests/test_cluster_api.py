@@ -122,7 +122,7 @@ def test_watch_from_any_node(cluster3) -> None:
     for endpoint in cluster3.endpoints:
         with CoordinatorClient([endpoint]) as client:
             events = []
-            for event in client.watch(from_index=1, timeout_s=5):
+            for event in client.watch(from_index=1, kinds=["TaskCreated", "TaskCancelled"], timeout_s=5):
                 events.append((event.kind, event.task_id))
                 if len(events) == 3:
                     break
