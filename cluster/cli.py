@@ -432,14 +432,67 @@ def dag_submit(
         response = call(client.submit_dag, specs, idempotency_key)
     mapping = {spec.name or str(i): task_id for i, (spec, task_id) in enumerate(zip(specs, response.ordered_ids))}
     if output == Output.json:
-        emit_json({"task_ids": mapping, "duplicate": response.duplicate, "index": response.index})
+        emit_json({"dag_id": response.dag_id, "task_ids": mapping, "duplicate": response.duplicate,
+                   "index": response.index})
         return
-    table = Table(title=f"DAG submitted ({len(mapping)} tasks){' — duplicate' if response.duplicate else ''}")
+    table = Table(title=f"DAG {response.dag_id} submitted ({len(mapping)} tasks)"
+                        f"{' — duplicate' if response.duplicate else ''}")
     table.add_column("name")
     table.add_column("task id")
     for name, task_id in mapping.items():
         table.add_row(name, task_id)
     console.print(table)
+
+
+@dag_app.command("show")
+def dag_show(
+    dag_id: str,
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """The tasks of one DAG submission and how many are in each status."""
+    tasks: list[pb.Task] = []
+    with client_for(endpoints, data_dir) as client:
+        after = ""
+        for _ in range(100):  # a DAG has at most 10,000 tasks: 10 pages of 1,000
+            page = call(client.list_tasks, dag_id=dag_id, limit=1000, after_id=after)
+            tasks.extend(page.tasks)
+            after = page.next_after_id
+            if not after:
+                break
+    counts: dict[str, int] = {}
+    for t in tasks:
+        counts[t.status] = counts.get(t.status, 0) + 1
+    if output == Output.json:
+        emit_json({"dag_id": dag_id, "statuses": counts, "tasks": [task_dict(t) for t in tasks]})
+        return
+    console.print(f"DAG {dag_id}: {len(tasks)} tasks — " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    table = Table()
+    for column in ("id", "name", "type", "status", "attempt", "error"):
+        table.add_column(column)
+    for t in tasks[:200]:
+        table.add_row(t.id, t.name, t.type, t.status, str(t.attempt), t.error[:60])
+    console.print(table)
+    if len(tasks) > 200:
+        console.print(f"(first 200 of {len(tasks)}; --output json for all)")
+
+
+@dag_app.command("cancel")
+def dag_cancel(
+    dag_id: str,
+    reason: str = typer.Option("", "--reason"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Cancel every task of a DAG that has not finished; running ones are stopped on their executors."""
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.call, "CancelDag", pb.CancelDagRequest(dag_id=dag_id, reason=reason), retry=False)
+    if output == Output.json:
+        emit_json({"dag_id": dag_id, "cancelled": list(response.cancelled_task_ids)})
+    else:
+        console.print(f"DAG {dag_id}: cancelled {len(response.cancelled_task_ids)} tasks that had not finished")
 
 
 # ---------------------------------------------------------------------------------- events

@@ -74,7 +74,7 @@ def task_to_pb(record: TaskRecord) -> pb.Task:
         status=record.status, created_at_unix_ms=record.created_at_ms, updated_at_unix_ms=record.updated_at_ms,
         max_attempts=record.max_attempts, metadata=record.metadata or {}, created_index=record.created_index,
         cancel_reason=record.cancel_reason, attempt=record.attempt, result_json=record.result_json,
-        error=record.error, not_before_unix_ms=record.not_before_ms,
+        error=record.error, not_before_unix_ms=record.not_before_ms, dag_id=record.dag_id,
         attempts=[pb.AttemptRecord(attempt=h[0], executor_id=h[1], outcome=h[2], error=h[3], ended_unix_ms=h[5])
                   for h in record.history],
     )
@@ -178,7 +178,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         value = await self._submit(list(request.tasks), request.idempotency_key, context, single=False)
         ids = value["ids"]
         names = {spec.name: task_id for spec, task_id in zip(request.tasks, ids, strict=False) if spec.name}
-        return pb.SubmitDagResponse(task_ids=names, ordered_ids=ids, duplicate=value["duplicate"], index=value["index"])
+        return pb.SubmitDagResponse(task_ids=names, ordered_ids=ids, duplicate=value["duplicate"], index=value["index"],
+                                    dag_id=value.get("dag_id", ""))
 
     async def _submit(self, specs: list[pb.TaskSpec], key: str, context, *, single: bool) -> dict[str, Any]:
         try:
@@ -196,7 +197,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             )
         except CoordinatorError as exc:
             await self._abort(context, exc.code, exc.message)
-        return await self._propose(cmd.submit_tasks(stamp, rows, idempotency_key), context)
+        dag_id = "" if single else "d-" + os.urandom(8).hex()
+        return await self._propose(cmd.submit_tasks(stamp, rows, idempotency_key, dag_id), context)
 
     async def GetTask(self, request: pb.GetTaskRequest, context) -> pb.Task:  # noqa: N802
         await self._barrier(request.consistency, context)
@@ -216,7 +218,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._abort(context, "INVALID_ARGUMENT", f"status: unknown {sorted(unknown)}; one of {sorted(valid)}")
         await self._barrier(request.consistency, context)
         with self._lock:
-            records = list(self._fsm.tasks.values())
+            if request.dag_id:
+                ids = self._fsm.dag_tasks.get(request.dag_id)
+                if ids is None:
+                    records = None
+                else:
+                    records = [self._fsm.tasks[t] for t in ids]
+            else:
+                records = list(self._fsm.tasks.values())
+        if records is None:
+            await self._abort(context, "NOT_FOUND", f"dag_id: no DAG {request.dag_id[:80]!r}")
         started = not request.after_id
         out: list[pb.Task] = []
         total = 0
@@ -243,6 +254,12 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._abort(context, "NOT_FOUND", f"task_id: no task {request.task_id[:80]!r}")
         await self._propose(cmd.cancel_task(now_ms(), request.task_id, request.reason), context)
         return pb.CancelTaskResponse(task=task_to_pb(self._fsm.tasks[request.task_id]))
+
+    async def CancelDag(self, request: pb.CancelDagRequest, context) -> pb.CancelDagResponse:  # noqa: N802
+        if len(request.reason.encode()) > self._limits.cancel_reason_bytes_max:
+            await self._abort(context, "INVALID_ARGUMENT", f"reason: at most {self._limits.cancel_reason_bytes_max} bytes")
+        value = await self._propose(cmd.cancel_dag(now_ms(), request.dag_id, request.reason), context)
+        return pb.CancelDagResponse(cancelled_task_ids=value["cancelled"])
 
     async def WaitTasks(self, request: pb.WaitTasksRequest, context) -> pb.WaitTasksResponse:  # noqa: N802
         ids = list(dict.fromkeys(request.task_ids))

@@ -38,6 +38,7 @@ class CommandType(IntEnum):
     EXECUTOR_LOST = 10  # the leader saw no heartbeat for a lease TTL: its tasks go back
     REQUEUE_TASK = 11  # an operator re-queues a dead-lettered or failed task
     MARK_UNSCHEDULABLE = 12  # the scheduler found no executor that can ever run these tasks
+    CANCEL_DAG = 13  # cancel every task of one DAG submission that has not finished
 
 
 # Field order of one task spec in SUBMIT_TASKS. Append only.
@@ -86,8 +87,12 @@ def noop() -> dict[str, Any]:
     return {"t": CommandType.NOOP}
 
 
-def submit_tasks(now_ms: int, tasks: list[list[Any]], idempotency_key: str | None) -> dict[str, Any]:
-    return {"t": CommandType.SUBMIT_TASKS, "now": now_ms, "key": idempotency_key, "tasks": tasks}
+def submit_tasks(now_ms: int, tasks: list[list[Any]], idempotency_key: str | None, dag_id: str = "") -> dict[str, Any]:
+    """dag_id (stamped by the proposer for a DAG submission) names the submission as a whole."""
+    command = {"t": CommandType.SUBMIT_TASKS, "now": now_ms, "key": idempotency_key, "tasks": tasks}
+    if dag_id:
+        command["dag"] = dag_id
+    return command
 
 
 def cancel_task(now_ms: int, task_id: str, reason: str) -> dict[str, Any]:
@@ -135,3 +140,7 @@ def requeue_task(now_ms: int, task_id: str, extra_attempts: int) -> dict[str, An
 def mark_unschedulable(now_ms: int, items: list[list[str]]) -> dict[str, Any]:
     """items: [task_id, reason]"""
     return {"t": CommandType.MARK_UNSCHEDULABLE, "now": now_ms, "items": items}
+
+
+def cancel_dag(now_ms: int, dag_id: str, reason: str) -> dict[str, Any]:
+    return {"t": CommandType.CANCEL_DAG, "now": now_ms, "dag": dag_id, "reason": reason}

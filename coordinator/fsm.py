@@ -35,7 +35,7 @@ from coordinator.limits import StateLimits
 SNAPSHOT_FORMAT = 1
 # Bumped whenever the encoded state of the same log intentionally changes (new fields, new
 # events), so recorded logs of an older version are checked by their semantic digest instead.
-FSM_STATE_VERSION = 2
+FSM_STATE_VERSION = 3
 SNAPSHOT_ROWS_PER_CHUNK = 1000
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "dead_letter"})
@@ -73,6 +73,7 @@ class TaskRecord(NamedTuple):
     result_json: str = ""
     error: str = ""
     history: tuple = ()  # ((attempt, executor_id, outcome, error, started_ms, ended_ms), ...)
+    dag_id: str = ""  # the DAG submission it belongs to ("" for a single task)
 
     def row(self) -> list[Any]:
         return list(self)
@@ -157,6 +158,7 @@ class CoordinatorFSM:
         self.dependents: dict[str, list[str]] = {}
         self.ready: dict[str, None] = {}
         self.executor_tasks: dict[str, dict[str, None]] = {}
+        self.dag_tasks: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ apply
     def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
@@ -182,7 +184,9 @@ class CoordinatorFSM:
         if key:
             seen = self._idempotency.get(key)
             if seen is not None:
-                return ApplyResult(True, {"ids": list(seen[1]), "duplicate": True, "index": seen[0]})
+                first = self.tasks.get(seen[1][0]) if seen[1] else None
+                return ApplyResult(True, {"ids": list(seen[1]), "duplicate": True, "index": seen[0],
+                                          "dag_id": first.dag_id if first is not None else ""})
         now_ms = command["now"]
         specs = command["tasks"]
         tasks = self.tasks
@@ -205,12 +209,17 @@ class CoordinatorFSM:
         # Validated: from here on nothing can fail, so the submission is all or nothing.
         events = self._events
         dependents = self.dependents
+        dag_id = command.get("dag", "")
+        if dag_id:
+            if dag_id in self.dag_tasks:
+                return ApplyResult.error("INVALID_ARGUMENT", f"dag_id: {dag_id!r} already exists")
+            self.dag_tasks[dag_id] = [spec[0] for spec in specs]
         for spec in specs:
             task_id = spec[0]
             deps = tuple(spec[7])
             record = TaskRecord(
                 task_id, spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], deps, spec[8], spec[9],
-                "pending", None, now_ms, now_ms, index, "",
+                "pending", None, now_ms, now_ms, index, "", dag_id=dag_id,
             )
             tasks[task_id] = record
             events.append(self._event(index, "TaskCreated", task_id, "", now_ms, ""))
@@ -234,7 +243,7 @@ class CoordinatorFSM:
             self._idempotency[key] = (index, tuple(ids))
             if len(self._idempotency) > self.limits.idempotency_keys_max:
                 self._idempotency.popitem(last=False)
-        return ApplyResult(True, {"ids": ids, "duplicate": False, "index": index})
+        return ApplyResult(True, {"ids": ids, "duplicate": False, "index": index, "dag_id": dag_id})
 
     def _apply_cancel_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
         task_id = command["id"]
@@ -244,17 +253,35 @@ class CoordinatorFSM:
         if record.status in FINAL_STATUSES:
             return ApplyResult.error("FAILED_PRECONDITION", f"task {task_id!r} is already {record.status}")
         now_ms = command["now"]
-        reason = command.get("reason", "")
-        executor_id = record.assigned_executor if record.status in LEASED_STATUSES else ""
-        self._release_slot(record)
-        self.ready.pop(task_id, None)
-        self._set_status(record, "cancelled", now_ms, cancel_reason=reason)
-        # executor_id tells the node holding that executor's stream to stop the attempt
-        self._events.append(self._event(index, "TaskCancelled", task_id, executor_id or "", now_ms,
-                                        _encoder.encode({"reason": reason, "attempt": record.attempt})))
+        self._cancel(index, record, command.get("reason", ""), now_ms)
         self._fail_dependents(index, task_id, now_ms)
         self._trim_events()
         return ApplyResult(True, {"id": task_id, "index": index})
+
+    def _cancel(self, index: int, record: TaskRecord, reason: str, now_ms: int) -> None:
+        executor_id = record.assigned_executor if record.status in LEASED_STATUSES else ""
+        self._release_slot(record)
+        self.ready.pop(record.id, None)
+        self._set_status(record, "cancelled", now_ms, cancel_reason=reason)
+        # executor_id tells the node holding that executor's stream to stop the attempt
+        self._events.append(self._event(index, "TaskCancelled", record.id, executor_id or "", now_ms,
+                                        _encoder.encode({"reason": reason, "attempt": record.attempt})))
+
+    def _apply_cancel_dag(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """Cancels every task of the DAG that has not finished — all of them cancelled, none
+        'upstream_failed' by another — then fails what depends on them from outside the DAG."""
+        dag_id = command["dag"]
+        task_ids = self.dag_tasks.get(dag_id)
+        if task_ids is None:
+            return ApplyResult.error("NOT_FOUND", f"dag_id: no DAG {dag_id!r}")
+        now_ms = command["now"]
+        cancelled = [t for t in task_ids if self.tasks[t].status not in FINAL_STATUSES]
+        for task_id in cancelled:
+            self._cancel(index, self.tasks[task_id], command.get("reason", ""), now_ms)
+        for task_id in cancelled:
+            self._fail_dependents(index, task_id, now_ms)
+        self._trim_events()
+        return ApplyResult(True, {"dag_id": dag_id, "cancelled": cancelled, "index": index})
 
     def _apply_register_executor(self, index: int, command: dict[str, Any]) -> ApplyResult:
         spec = command["ex"]
@@ -484,6 +511,7 @@ class CoordinatorFSM:
         CommandType.EXECUTOR_LOST: _apply_executor_lost,
         CommandType.REQUEUE_TASK: _apply_requeue_task,
         CommandType.MARK_UNSCHEDULABLE: _apply_mark_unschedulable,
+        CommandType.CANCEL_DAG: _apply_cancel_dag,
     }
 
     # ------------------------------------------------------------------ helpers
@@ -677,10 +705,12 @@ class CoordinatorFSM:
         self._event_seq = header["event_seq"]
 
     def _rebuild_indexes(self) -> None:
-        self.dependents, self.ready = {}, {}
+        self.dependents, self.ready, self.dag_tasks = {}, {}, {}
         self.executor_tasks = {executor_id: {} for executor_id in self.executors}
         tasks = self.tasks
         for record in tasks.values():
+            if record.dag_id:
+                self.dag_tasks.setdefault(record.dag_id, []).append(record.id)
             for dep in record.dependencies:
                 self.dependents.setdefault(dep, []).append(record.id)
             if record.status == "pending" and all(tasks[d].status == "completed" for d in record.dependencies):

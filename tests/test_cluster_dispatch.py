@@ -238,3 +238,37 @@ def test_retries_dead_letter_requeue_unschedulable_and_cancel(cluster3, executor
         assert wait_final(client, [after], timeout_s=20)[0].status == "completed"
     with open(os.path.join(data_dir, "executor-worker.log")) as f:
         assert f"cancel ('{long}', 1)" in f.read()
+
+
+def test_cancelling_a_dag_stops_its_running_tasks_and_cancels_the_rest(cluster3, executors) -> None:
+    executors.start("worker", capacity=2)
+    env = {**os.environ, "COORDCTL_DATA_DIR": cluster3.data_dir}
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 1)
+        done = client.submit_dag([pb.TaskSpec(name="quick", type="echo")])
+        client.wait_tasks(list(done.ordered_ids), 20)
+        dag = client.submit_dag([pb.TaskSpec(name=f"s{i}", type="sleep", input_json='{"ms": 60000}') for i in range(4)]
+                                + [pb.TaskSpec(name="after", type="echo", depends_on=["s0", "s1"])])
+        outside = client.submit_task(pb.TaskSpec(type="echo", depends_on=[dag.task_ids["after"]])).task_id
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if sum(client.get_task(t).status == "executing" for t in dag.ordered_ids) == 2:
+                break
+            time.sleep(0.05)
+        result = subprocess.run([sys.executable, "-m", "cluster.cli", "dag", "cancel", dag.dag_id, "--reason", "stop",
+                                 "--output", "json"], capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+        assert result.returncode == 0, result.stderr
+        assert sorted(json.loads(result.stdout)["cancelled"]) == sorted(dag.ordered_ids)
+        shown = subprocess.run([sys.executable, "-m", "cluster.cli", "dag", "show", dag.dag_id, "--output", "json"],
+                               capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+        assert json.loads(shown.stdout)["statuses"] == {"cancelled": 5}
+        assert client.get_task(outside).error == f"upstream_failed:{dag.task_ids['after']}"
+        # both slots are free again: the executor stopped the cancelled attempts
+        follow = client.submit_dag([pb.TaskSpec(name=f"e{i}", type="echo") for i in range(2)])
+        assert {t.status for t in wait_final(client, list(follow.ordered_ids), timeout_s=20)} == {"completed"}
+        rejected = subprocess.run([sys.executable, "-m", "cluster.cli", "dag", "cancel", "d-nope"],
+                                  capture_output=True, text=True, timeout=60, cwd=ROOT, env=env)
+        assert rejected.returncode == 1 and "NOT_FOUND" in rejected.stderr
+    with open(os.path.join(cluster3.data_dir, "executor-worker.log")) as f:
+        log = f.read()
+    assert log.count("cancel ('") >= 2

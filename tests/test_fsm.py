@@ -57,7 +57,7 @@ def test_idempotency_key_returns_original_ids() -> None:
     fsm = CoordinatorFSM()
     first = fsm.apply(2, cmd.submit_tasks(1, [task_row("a")], "k1"))
     again = fsm.apply(5, cmd.submit_tasks(2, [task_row("b")], "k1"))
-    assert again.ok and again.value == {"ids": ["a"], "duplicate": True, "index": 2}
+    assert again.ok and again.value == {"ids": ["a"], "duplicate": True, "index": 2, "dag_id": ""}
     assert first.value["duplicate"] is False
     assert list(fsm.tasks) == ["a"]
 
@@ -228,7 +228,7 @@ class FSMAgainstModel(RuleBasedStateMachine):
         assert self._apply(cmd.submit_tasks(self.index, rows, None)).ok
         for task_id, deps in (("t0", []), ("t1", ["t0"]), ("t2", ["t0"]), ("t3", ["t1", "t2"])):
             self.model.tasks[task_id] = {"status": "pending", "deps": deps, "attempt": 0, "max_attempts": 3,
-                                         "executor": None, "not_before": 0}
+                                         "executor": None, "not_before": 0, "dag": ""}
 
     @rule(data=st.data(), key=st.one_of(st.none(), st.sampled_from([f"k{i}" for i in range(8)])))
     def submit(self, data, key) -> None:
@@ -244,7 +244,8 @@ class FSMAgainstModel(RuleBasedStateMachine):
             deps = list(dict.fromkeys(deps))
             deps_of[task_id] = deps
             rows.append(task_row(task_id, deps))
-        result = self._apply(cmd.submit_tasks(self.index, rows, key))
+        dag_id = f"d{self.index}" if len(new) > 1 else ""
+        result = self._apply(cmd.submit_tasks(self.index, rows, key, dag_id))
         if key is not None and key in model.keys:
             assert result.ok and result.value["duplicate"] and result.value["ids"] == model.keys[key]
             return
@@ -255,7 +256,7 @@ class FSMAgainstModel(RuleBasedStateMachine):
         if result.ok:
             for task_id in new:
                 model.tasks[task_id] = {"status": "pending", "deps": deps_of[task_id], "attempt": 0, "max_attempts": 3,
-                                        "executor": None, "not_before": 0}
+                                        "executor": None, "not_before": 0, "dag": dag_id}
             model.fail_downstream(new[0])  # a dependency that already ended unsuccessfully fails them now
             if key is not None:
                 model.keys[key] = new
@@ -276,6 +277,23 @@ class FSMAgainstModel(RuleBasedStateMachine):
             assert result.ok, result
             task["status"] = "cancelled"
             model.fail_downstream(task_id)
+
+    @rule(data=st.data())
+    def cancel_dag(self, data) -> None:
+        model = self.model
+        dags = sorted({t["dag"] for t in model.tasks.values() if t["dag"]})
+        dag_id = data.draw(st.sampled_from(dags + ["d-unknown"]), "dag")
+        result = self._apply(cmd.cancel_dag(self.index + 1, dag_id, "r"))
+        if dag_id not in dags:
+            assert result.code == "NOT_FOUND"
+            return
+        assert result.ok
+        members = [k for k, t in model.tasks.items() if t["dag"] == dag_id and t["status"] not in FINAL]
+        assert sorted(result.value["cancelled"]) == sorted(members)
+        for task_id in members:
+            model.tasks[task_id]["status"] = "cancelled"
+        if members:
+            model.fail_downstream(members[0])
 
     @rule(executor_id=st.sampled_from(EXECUTORS))
     def register(self, executor_id) -> None:

@@ -21,6 +21,7 @@ def main() -> None:
     fsm = CoordinatorFSM()
     lines = []
     ids: list[str] = []
+    dags: list[str] = []
     for index in range(2, 202):
         now = 1_795_000_000_000 + index * 17
         batch = []
@@ -36,10 +37,14 @@ def main() -> None:
                                  now + rng.randint(0, 10**6) if rng.random() < 0.3 else 0, deps, 3,
                                  {"lane": str(k)} if k else None])
                 key = f"key-{rng.randint(0, 60)}" if rng.random() < 0.5 else None
-                result = fsm.apply(index, cmd.submit_tasks(now, rows, key))
+                dag_id = f"d-{index}-{len(batch)}" if len(new) > 1 else ""
+                command = cmd.submit_tasks(now, rows, key, dag_id)
+                result = fsm.apply(index, command)
                 if result.ok and not result.value["duplicate"]:
                     ids.extend(new)
-                batch.append(cmd.submit_tasks(now, rows, key))
+                    if dag_id:
+                        dags.append(dag_id)
+                batch.append(command)
             elif roll < 0.62 and ids:
                 command = cmd.cancel_task(now, rng.choice(ids), "replay")
                 fsm.apply(index, command)
@@ -64,6 +69,10 @@ def main() -> None:
                     batch.append(follow)
             elif roll < 0.78 and ids:
                 command = cmd.requeue_task(now, rng.choice(ids), 2)
+                fsm.apply(index, command)
+                batch.append(command)
+            elif roll < 0.8 and dags:
+                command = cmd.cancel_dag(now, rng.choice(dags), "replay")
                 fsm.apply(index, command)
                 batch.append(command)
             elif roll < 0.9:
