@@ -74,6 +74,7 @@ class TaskRecord(NamedTuple):
     error: str = ""
     history: tuple = ()  # ((attempt, executor_id, outcome, error, started_ms, ended_ms), ...)
     dag_id: str = ""  # the DAG submission it belongs to ("" for a single task)
+    parent_id: str = ""  # the running task that delegated it ("" if submitted by a client)
 
     def row(self) -> list[Any]:
         return list(self)
@@ -159,6 +160,7 @@ class CoordinatorFSM:
         self.ready: dict[str, None] = {}
         self.executor_tasks: dict[str, dict[str, None]] = {}
         self.dag_tasks: dict[str, list[str]] = {}
+        self.children: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ apply
     def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
@@ -190,6 +192,17 @@ class CoordinatorFSM:
         now_ms = command["now"]
         specs = command["tasks"]
         tasks = self.tasks
+        parent_id = ""
+        if "parent" in command:
+            parent_id, parent_attempt, parent_executor = command["parent"]
+            parent = tasks.get(parent_id)
+            if (parent is None or parent.status not in LEASED_STATUSES or parent.attempt != parent_attempt
+                    or parent.assigned_executor != parent_executor):
+                return ApplyResult.error(
+                    "FAILED_PRECONDITION",
+                    f"StaleFencingToken: delegating task {parent_id!r} attempt {parent_attempt} on "
+                    f"{parent_executor!r} is not the current lease",
+                )
         new_ids: dict[str, list[str]] = {}
         for position, spec in enumerate(specs):
             task_id = spec[0]
@@ -210,7 +223,12 @@ class CoordinatorFSM:
         events = self._events
         dependents = self.dependents
         dag_id = command.get("dag", "")
-        if dag_id:
+        if parent_id:
+            dag_id = tasks[parent_id].dag_id  # subtasks become part of the parent's DAG
+            self.children.setdefault(parent_id, []).extend(spec[0] for spec in specs)
+            if dag_id:
+                self.dag_tasks[dag_id].extend(spec[0] for spec in specs)
+        elif dag_id:
             if dag_id in self.dag_tasks:
                 return ApplyResult.error("INVALID_ARGUMENT", f"dag_id: {dag_id!r} already exists")
             self.dag_tasks[dag_id] = [spec[0] for spec in specs]
@@ -219,7 +237,7 @@ class CoordinatorFSM:
             deps = tuple(spec[7])
             record = TaskRecord(
                 task_id, spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], deps, spec[8], spec[9],
-                "pending", None, now_ms, now_ms, index, "", dag_id=dag_id,
+                "pending", None, now_ms, now_ms, index, "", dag_id=dag_id, parent_id=parent_id,
             )
             tasks[task_id] = record
             events.append(self._event(index, "TaskCreated", task_id, "", now_ms, ""))
@@ -253,10 +271,19 @@ class CoordinatorFSM:
         if record.status in FINAL_STATUSES:
             return ApplyResult.error("FAILED_PRECONDITION", f"task {task_id!r} is already {record.status}")
         now_ms = command["now"]
-        self._cancel(index, record, command.get("reason", ""), now_ms)
-        self._fail_dependents(index, task_id, now_ms)
+        # The task and, transitively, the subtasks it delegated that have not finished.
+        cancelled, stack = [], [task_id]
+        while stack:
+            current = self.tasks[stack.pop()]
+            if current.status in FINAL_STATUSES:
+                continue
+            self._cancel(index, current, command.get("reason", ""), now_ms)
+            cancelled.append(current.id)
+            stack.extend(reversed(self.children.get(current.id, ())))
+        for cancelled_id in cancelled:
+            self._fail_dependents(index, cancelled_id, now_ms)
         self._trim_events()
-        return ApplyResult(True, {"id": task_id, "index": index})
+        return ApplyResult(True, {"id": task_id, "cancelled": cancelled, "index": index})
 
     def _cancel(self, index: int, record: TaskRecord, reason: str, now_ms: int) -> None:
         executor_id = record.assigned_executor if record.status in LEASED_STATUSES else ""
@@ -705,12 +732,14 @@ class CoordinatorFSM:
         self._event_seq = header["event_seq"]
 
     def _rebuild_indexes(self) -> None:
-        self.dependents, self.ready, self.dag_tasks = {}, {}, {}
+        self.dependents, self.ready, self.dag_tasks, self.children = {}, {}, {}, {}
         self.executor_tasks = {executor_id: {} for executor_id in self.executors}
         tasks = self.tasks
         for record in tasks.values():
             if record.dag_id:
                 self.dag_tasks.setdefault(record.dag_id, []).append(record.id)
+            if record.parent_id:
+                self.children.setdefault(record.parent_id, []).append(record.id)
             for dep in record.dependencies:
                 self.dependents.setdefault(dep, []).append(record.id)
             if record.status == "pending" and all(tasks[d].status == "completed" for d in record.dependencies):

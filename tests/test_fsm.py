@@ -121,6 +121,24 @@ def test_unschedulable_is_recorded_and_cleared_on_assignment() -> None:
     assert fsm.tasks["g"].error == ""
 
 
+def test_delegated_subtasks_are_fenced_join_the_dag_and_are_cancelled_with_the_parent() -> None:
+    fsm = CoordinatorFSM()
+    fsm.apply(2, cmd.register_executor(1, executor_spec("e1")))
+    fsm.apply(3, cmd.submit_tasks(1, [task_row("p"), task_row("q", ["p"])], None, "d-1"))
+    fsm.apply(4, cmd.assign_tasks(2, 1000, [["p", "e1", 1]]))
+    stale = fsm.apply(5, cmd.submit_tasks(3, [task_row("c0")], None, "", ("p", 2, "e1")))
+    assert "StaleFencingToken" in stale.message and "c0" not in fsm.tasks
+    ok = fsm.apply(6, cmd.submit_tasks(3, [task_row("c1"), task_row("c2", ["c1"])], "delegate:p:1", "", ("p", 1, "e1")))
+    assert ok.ok and ok.value["dag_id"] == "d-1" and fsm.dag_tasks["d-1"] == ["p", "q", "c1", "c2"]
+    assert fsm.tasks["c1"].parent_id == "p" and "c1" in fsm.ready
+    cancelled = fsm.apply(7, cmd.cancel_task(4, "p", "stop"))
+    assert sorted(cancelled.value["cancelled"]) == ["c1", "c2", "p"]
+    assert fsm.tasks["q"].status == "failed" and fsm.tasks["q"].error == "upstream_failed:p"
+    restored = CoordinatorFSM()
+    restored.restore(fsm.snapshot())
+    assert restored.children == fsm.children and restored.dag_tasks == fsm.dag_tasks
+
+
 def test_entry_joined_from_encoded_commands_equals_encoded_entry() -> None:
     commands = [cmd.submit_tasks(1, [task_row("a", ["b"])], "k"), cmd.noop(), cmd.cancel_task(2, "a", "é")]
     assert cmd.join_entry([cmd.encode_command(c) for c in commands]) == encode_entry(commands)
@@ -264,9 +282,12 @@ class FSMAgainstModel(RuleBasedStateMachine):
                 if len(model.key_order) > 5:
                     del model.keys[model.key_order.pop(0)]
 
-    @rule(task_id=st.sampled_from(POOL))
-    def cancel(self, task_id) -> None:
+    @rule(data=st.data())
+    def cancel(self, data) -> None:
         model = self.model
+        parents = sorted({t["parent"] for t in model.tasks.values() if t.get("parent")})
+        aim = parents and data.draw(st.booleans(), "aim at a parent")
+        task_id = data.draw(st.sampled_from(parents if aim else POOL), "task")
         result = self._apply(cmd.cancel_task(self.index, task_id, "r"))
         task = model.tasks.get(task_id)
         if task is None:
@@ -275,8 +296,39 @@ class FSMAgainstModel(RuleBasedStateMachine):
             assert result.code == "FAILED_PRECONDITION"
         else:
             assert result.ok, result
-            task["status"] = "cancelled"
+            stack = [task_id]  # the task and the subtasks it delegated, transitively
+            while stack:
+                current = stack.pop()
+                if model.tasks[current]["status"] not in FINAL:
+                    model.tasks[current]["status"] = "cancelled"
+                    stack.extend(k for k, t in model.tasks.items() if t.get("parent") == current)
             model.fail_downstream(task_id)
+
+    @rule(data=st.data())
+    def delegate(self, data) -> None:
+        """A running task delegates subtasks: fenced like a report; they join its DAG."""
+        model = self.model
+        leased = [t for t, v in model.tasks.items() if v["status"] in ("assigned", "executing")]
+        fresh = [t for t in POOL if t not in model.tasks]
+        if not fresh:
+            return
+        parent_id = data.draw(st.sampled_from(leased or POOL), "parent")
+        parent = model.tasks.get(parent_id)
+        attempt = (parent["attempt"] if parent else 1) + data.draw(st.sampled_from([0, 0, 0, 1]), "stale")
+        executor_id = (parent or {}).get("executor") or "e1"
+        new = data.draw(st.lists(st.sampled_from(fresh), min_size=1, max_size=2, unique=True), "children")
+        rows = [task_row(t, [new[0]] if i else []) for i, t in enumerate(new)]
+        result = self._apply(cmd.submit_tasks(self.index, rows, None, "", (parent_id, attempt, executor_id)))
+        fenced_ok = (parent is not None and parent["status"] in ("assigned", "executing")
+                     and attempt == parent["attempt"] and executor_id == parent["executor"])
+        assert result.ok == fenced_ok, (result, parent, attempt)
+        if fenced_ok:
+            for i, task_id in enumerate(new):
+                model.tasks[task_id] = {"status": "pending", "deps": [new[0]] if i else [], "attempt": 0,
+                                        "max_attempts": 3, "executor": None, "not_before": 0,
+                                        "dag": parent["dag"], "parent": parent_id}
+        else:
+            assert "StaleFencingToken" in result.message
 
     @rule(data=st.data())
     def cancel_dag(self, data) -> None:
@@ -290,6 +342,7 @@ class FSMAgainstModel(RuleBasedStateMachine):
         assert result.ok
         members = [k for k, t in model.tasks.items() if t["dag"] == dag_id and t["status"] not in FINAL]
         assert sorted(result.value["cancelled"]) == sorted(members)
+        assert set(self.fsm.dag_tasks[dag_id]) == {k for k, t in model.tasks.items() if t["dag"] == dag_id}
         for task_id in members:
             model.tasks[task_id]["status"] = "cancelled"
         if members:
