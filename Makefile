@@ -31,9 +31,14 @@ test-fast: venv proto
 	$(PY) -m pytest -q tests -m "not cluster and not chaos"
 
 # etcd 3.4 is the peer we compare against; Debian packages it as etcd-server.
+# Celery + Redis is the peer of the dispatch benchmark.
 bench: venv proto
 	command -v etcd >/dev/null || (apt-get update -q && apt-get install -y -q etcd-server)
+	command -v redis-server >/dev/null || (apt-get update -q && apt-get install -y -q redis-server)
+	$(PY) -m pip install -q 'celery[redis]' redis
 	$(PY) -m benchmarks.run_all
+	$(PY) -m benchmarks.bench_dispatch
+	$(PY) -m benchmarks.bench_scheduler
 
 clean:
 	rm -rf $(VENV) proto/*_pb2*.py proto/*_pb2*.pyi .pytest_cache

@@ -52,6 +52,7 @@ from executors.base import (
     ExecutorAdapter,
     ExecutorResult,
     ExecutorTask,
+    InvalidTaskInput,
     LocalContext,
     PermanentTaskError,
     RetryableTaskError,
@@ -130,8 +131,44 @@ class AttemptContext(LocalContext):
     the server yet, because the protocol has no progress message. `cancelled` turns true when the
     server cancels the attempt or the agent shuts down."""
 
-    def __init__(self, *, progress_reports_max: int) -> None:
+    def __init__(self, *, progress_reports_max: int, agent: ExecutorAgent | None = None,
+                 key: AttemptKey | None = None) -> None:
         super().__init__(progress_reports_max=progress_reports_max)
+        self._agent = agent
+        self._key = key
+
+    async def delegate(self, tasks: Sequence[Mapping[str, Any]], request_id: str) -> list[str]:
+        if self._agent is None or self._key is None:
+            return await super().delegate(tasks, request_id)
+        specs = [_task_spec_from(f"tasks[{i}]", task) for i, task in enumerate(tasks)]
+        request = pb.DelegateRequest(parent_task_id=self._key[0], parent_attempt=self._key[1],
+                                     executor_id=self._agent.executor_id, request_id=request_id, tasks=specs)
+        response = await self._agent.unary("Delegate", request)
+        return list(response.task_ids)
+
+    async def wait_for(self, task_ids: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
+        if self._agent is None:
+            return await super().wait_for(task_ids, timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline_s = loop.time() + timeout_s
+        while True:
+            remaining_s = max(0.0, deadline_s - loop.time())
+            response = await self._agent.unary(
+                "WaitTasks", pb.WaitTasksRequest(task_ids=list(task_ids), timeout_s=max(0.05, min(remaining_s, 30.0))),
+                timeout_s=min(remaining_s, 30.0) + 10)
+            if response.all_final or remaining_s <= 0 or self.cancelled:
+                return [{"id": t.id, "status": t.status, "error": t.error,
+                         "output": json.loads(t.result_json) if t.result_json else None} for t in response.tasks]
+
+
+def _task_spec_from(where: str, task: Mapping[str, Any]) -> pb.TaskSpec:
+    if not isinstance(task, Mapping) or not isinstance(task.get("type"), str):
+        raise InvalidTaskInput(f"{where}.type", "each subtask is a mapping with a string type")
+    priority = task.get("priority")
+    return pb.TaskSpec(name=str(task.get("name") or ""), type=task["type"],
+                       input_json=json.dumps(task.get("input")), priority=priority or 0,
+                       has_priority=priority is not None, depends_on=[str(d) for d in task.get("depends_on") or []],
+                       max_attempts=int(task.get("max_attempts") or 0))
 
     @property
     def last_progress(self) -> float | None:
@@ -260,6 +297,7 @@ class ExecutorAgent:
         self._outbox_changed = asyncio.Event()
         self._stream_generation = 0          # bumped per stream; 0 = no stream yet
         self._connected_endpoint: str | None = None
+        self._unary_channels: dict[str, grpc.aio.Channel] = {}  # for delegate/wait of running attempts
         self._node_id = ""
         self._heartbeat_interval_s = heartbeat_interval_s
         self._lease_ttl_s = 0.0
@@ -289,6 +327,9 @@ class ExecutorAgent:
                     running.task.cancel()
             self._connected.clear()
             self._connected_endpoint = None
+            for channel in self._unary_channels.values():
+                await channel.close(grace=None)
+            self._unary_channels.clear()
             log.info("executor %s stopped", self.executor_id)
 
     async def wait_connected(self, timeout_s: float) -> bool:
@@ -297,6 +338,29 @@ class ExecutorAgent:
             return True
         except asyncio.TimeoutError:
             return False
+
+    async def unary(self, method: str, request: Any, timeout_s: float = 10.0) -> Any:
+        """A unary call for a running attempt (delegate, wait) to the node this agent is
+        connected to, else to the endpoints in turn; retried on UNAVAILABLE (both calls are
+        idempotent). Errors become TaskErrors the adapter can let through."""
+        attempts_max = 2 * len(self.endpoints) + 2
+        last: grpc.aio.AioRpcError | None = None
+        for attempt in range(attempts_max):
+            endpoint = self._connected_endpoint or self.endpoints[attempt % len(self.endpoints)]
+            channel = self._unary_channels.get(endpoint)
+            if channel is None:
+                channel = self._unary_channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self.channel_options)
+            try:
+                return await getattr(pb_grpc.CoordinatorStub(channel), method)(request, timeout=timeout_s)
+            except grpc.aio.AioRpcError as exc:
+                last = exc
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise PermanentTaskError(f"{method}: {exc.details()}") from None
+                    raise RetryableTaskError(f"{method}: {exc.code().name}: {exc.details()}") from None
+                await asyncio.sleep(min(0.1 * 2 ** attempt, 2.0))
+        assert last is not None
+        raise RetryableTaskError(f"{method}: no node answered ({last.code().name})")
 
     def running_attempts(self) -> list[AttemptKey]:
         return sorted(k for k, r in self._running.items() if not r.cancelled_by_server)
@@ -589,7 +653,8 @@ class ExecutorAgent:
             self._reject(key, PermanentTaskError(f"bad assignment: {exc}"))
             return
         running = _Running(key=key, type=task.type,
-                           ctx=AttemptContext(progress_reports_max=self.limits.progress_reports_max))
+                           ctx=AttemptContext(progress_reports_max=self.limits.progress_reports_max, agent=self,
+                                              key=key))
         self._running[key] = running
         self.counters.attempts_started_total += 1
         self._queue_report(key, pb.ExecutorMessage(started=pb.AttemptStarted(task_id=key[0], attempt=key[1])),

@@ -125,6 +125,10 @@ class Dispatcher:
         self._ready_seq = itertools.count()
         self._delayed: list[tuple[int, str]] = []  # (not_before_ms, task_id): retry backoff
         self._was_leader = False
+        # Set by the event pump after each batch: the scheduler must run after the pump has
+        # mirrored new ready tasks, not merely after an entry was applied (it raced the pump
+        # and then slept a whole round: dispatch p50 was 211 ms).
+        self._mirror_changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._stopping = asyncio.Event()
         self._relay_channel: tuple[str, grpc.aio.Channel] | None = None
@@ -360,6 +364,7 @@ class Dispatcher:
                 continue
             if events:
                 cursor_index, cursor_seq = events[-1][0], events[-1][1]
+                self._mirror_changed.set()
             else:
                 await self._waiters.wait(0.5)
 
@@ -409,6 +414,8 @@ class Dispatcher:
 
     async def _scheduler_loop(self) -> None:
         while not self._stopping.is_set():
+            # Cleared before the round: whatever the pump mirrors during it wakes the next one.
+            self._mirror_changed.clear()
             try:
                 if self._is_leader():
                     if not self._was_leader:
@@ -419,7 +426,10 @@ class Dispatcher:
                         continue  # more may be ready right away
                 else:
                     self._was_leader = False
-                await self._waiters.wait(self.settings.round_interval_s)
+                try:
+                    await asyncio.wait_for(self._mirror_changed.wait(), self.settings.round_interval_s)
+                except TimeoutError:
+                    pass
             except asyncio.CancelledError:
                 raise
             except ProposeError as exc:

@@ -328,6 +328,27 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         async for message in self._dispatcher.executor_stream(request_iterator, context):
             yield message
 
+    async def Delegate(self, request: pb.DelegateRequest, context) -> pb.DelegateResponse:  # noqa: N802
+        request_id = request.request_id
+        if not request_id or len(request_id) > self._limits.idempotency_key_chars_max or not request_id.isprintable():
+            await self._abort(context, "INVALID_ARGUMENT",
+                              f"request_id: 1..{self._limits.idempotency_key_chars_max} printable chars")
+        key = f"delegate:{request.parent_task_id}:{request_id}"
+        seen = self._fsm.idempotent_result(key)
+        if seen is not None:
+            return pb.DelegateResponse(task_ids=list(seen[1]), duplicate=True)
+        try:
+            stamp = now_ms()
+            rows, _ = build_task_specs(
+                [task_input_from_pb(spec) for spec in request.tasks], now_ms=stamp, new_id=new_task_id,
+                task_exists=self._task_exists, limits=self._limits,
+            )
+        except CoordinatorError as exc:
+            await self._abort(context, exc.code, exc.message)
+        parent = (request.parent_task_id, request.parent_attempt, request.executor_id)
+        value = await self._propose(cmd.submit_tasks(stamp, rows, key, "", parent), context)
+        return pb.DelegateResponse(task_ids=value["ids"], duplicate=value["duplicate"])
+
     async def RelayHeartbeats(self, request: pb.RelayHeartbeatsRequest, context) -> pb.RelayHeartbeatsResponse:  # noqa: N802
         self._dispatcher.relay(list(request.executor_ids))
         return pb.RelayHeartbeatsResponse()

@@ -41,11 +41,13 @@ class AlgorithmicLimits:
     sleep_progress_interval_ms: int = 250       # at most one progress report per interval
     fail_times_max: int = 100                   # = coordinator Limits.max_attempts_max
     running_tasks_max: int = 1_024              # attempts running at once; beyond → ExecutorBusy
+    fanout_children_max: int = 100              # subtasks one fanout task may delegate
+    fanout_wait_s_max: int = 600                # how long a fanout task may wait for them
     analysis: AnalysisLimits = field(default_factory=AnalysisLimits)
 
     def __post_init__(self) -> None:
         for name in ("sleep_ms_max", "sleep_slice_ms", "sleep_progress_interval_ms", "fail_times_max",
-                     "running_tasks_max"):
+                     "running_tasks_max", "fanout_children_max", "fanout_wait_s_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AlgorithmicLimits.{name}: an int >= 1, got {value!r}")
@@ -76,6 +78,7 @@ class AlgorithmicAdapter:
             "sleep": self._sleep,
             "fail": self._fail,
             "code_analysis": self._code_analysis,
+            "fanout": self._fanout,
         }
         self._running: dict[int, _Run] = {}
         self._run_ids = itertools.count(1)
@@ -166,6 +169,11 @@ class AlgorithmicAdapter:
                                          "maximum": analysis.complexity_threshold_max,
                                          "default": analysis.complexity_threshold_default},
             }, required=["source"]),
+            "fanout": _object_schema({
+                "children": {"type": "array", "maxItems": self.limits.fanout_children_max,
+                             "items": {"type": "object", "required": ["type"]}},
+                "wait_s": {"type": "integer", "minimum": 1, "maximum": self.limits.fanout_wait_s_max, "default": 60},
+            }, required=["children"]),
         }
 
     def output_schemas(self) -> dict[str, Any]:
@@ -181,6 +189,7 @@ class AlgorithmicAdapter:
             "code_analysis": _object_schema({"summary": {"type": "object"},
                                              "findings": {"type": "array", "items": finding}},
                                             required=["summary", "findings"]),
+            "fanout": _object_schema({"children": {"type": "array"}}, required=["children"]),
         }
 
     # -------------------------------------------------------------------------------- handlers
@@ -220,6 +229,27 @@ class AlgorithmicAdapter:
         if task.attempt <= times:
             raise RetryableTaskError(f"fail: scripted failure on attempt {task.attempt} of the first {times}")
         return {"attempt": task.attempt}
+
+    async def _fanout(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
+        """Delegates `children` as subtasks of this task (in its DAG), waits for them and returns
+        their outputs. The delegation's request id is fixed, so a retried attempt picks up the
+        same subtasks instead of creating them again."""
+        fields = _fields(task.input, allowed={"children", "wait_s"}, required={"children"},
+                         shape='{"children": [{"type": str, "input"?: any}], "wait_s"?: int}')
+        children = fields["children"]
+        if not isinstance(children, list) or not 1 <= len(children) <= self.limits.fanout_children_max:
+            raise InvalidTaskInput("input.children", f"a list of 1..{self.limits.fanout_children_max} subtasks")
+        wait_s = _int_in_range(fields.get("wait_s", 60), "input.wait_s", 1, self.limits.fanout_wait_s_max,
+                               "fanout_wait_s_max")
+        ids = await ctx.delegate(children, request_id="fanout")
+        await ctx.progress(0.1, f"delegated {len(ids)} subtasks")
+        results = await ctx.wait_for(ids, wait_s)
+        unfinished = [r for r in results if r["status"] != "completed"]
+        if unfinished:
+            first = unfinished[0]
+            raise RetryableTaskError(f"fanout: {len(unfinished)} of {len(ids)} subtasks did not complete "
+                                     f"(e.g. {first['id']}: {first['status']} {first['error']})".strip())
+        return {"children": [{"id": r["id"], "output": r["output"]} for r in results]}
 
     async def _code_analysis(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
         analysis = self.limits.analysis

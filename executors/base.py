@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -162,6 +162,16 @@ class ExecutionContext(Protocol):
         """True once cancellation of this task was asked; the adapter should stop soon."""
         ...
 
+    async def delegate(self, tasks: Sequence[Mapping[str, Any]], request_id: str) -> list[str]:
+        """Create subtasks (each {"type", "input", "name"?, "depends_on"?, "priority"?}) in this
+        task's DAG; returns their ids. The same request_id returns the same subtasks, so a resumed
+        attempt does not create them twice."""
+        ...
+
+    async def wait_for(self, task_ids: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
+        """Wait until the tasks are final or timeout_s passes: [{"id", "status", "output", "error"}]."""
+        ...
+
 
 @runtime_checkable
 class ExecutorAdapter(Protocol):
@@ -227,3 +237,9 @@ class LocalContext:
 
     def cancel(self) -> None:
         self._cancelled = True
+
+    async def delegate(self, tasks: Sequence[Mapping[str, Any]], request_id: str) -> list[str]:
+        raise PermanentTaskError("delegate: this context runs tasks locally, with no coordinator to delegate to")
+
+    async def wait_for(self, task_ids: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
+        raise PermanentTaskError("wait_for: this context runs tasks locally, with no coordinator to ask")

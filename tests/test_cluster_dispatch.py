@@ -272,3 +272,25 @@ def test_cancelling_a_dag_stops_its_running_tasks_and_cancels_the_rest(cluster3,
     with open(os.path.join(cluster3.data_dir, "executor-worker.log")) as f:
         log = f.read()
     assert log.count("cancel ('") >= 2
+
+
+def test_a_running_task_delegates_subtasks_and_waits_for_them(cluster3, executors) -> None:
+    executors.start("worker", capacity=4)
+    children = [{"type": "echo", "input": {"i": i}} for i in range(3)]
+    with CoordinatorClient(cluster3.endpoints) as client:
+        wait_online(client, 1)
+        dag = client.submit_dag([pb.TaskSpec(name="parent", type="fanout", input_json=json.dumps({"children": children})),
+                                 pb.TaskSpec(name="after", type="echo", depends_on=["parent"])])
+        parent_id = dag.task_ids["parent"]
+        done = wait_final(client, list(dag.ordered_ids), timeout_s=60)
+        assert {t.status for t in done} == {"completed"}
+        parent = client.get_task(parent_id)
+        output = json.loads(parent.result_json)
+        assert [c["output"] for c in output["children"]] == [{"i": 0}, {"i": 1}, {"i": 2}]
+        subtasks = client.list_tasks(dag_id=dag.dag_id, limit=100).tasks
+        assert {t.id for t in subtasks} == set(dag.ordered_ids) | {c["id"] for c in output["children"]}
+        # a stale or foreign delegation is fenced out
+        with pytest.raises(Exception, match="StaleFencingToken"):
+            client.call("Delegate", pb.DelegateRequest(parent_task_id=parent_id, parent_attempt=1, executor_id="worker",
+                                                       request_id="late", tasks=[pb.TaskSpec(type="echo")]))
+

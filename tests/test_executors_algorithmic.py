@@ -53,16 +53,24 @@ def test_adapter_and_context_satisfy_the_protocols() -> None:
     assert isinstance(LocalContext(), ExecutionContext)
 
 
-def test_capabilities_list_the_four_types_with_json_schemas() -> None:
+def test_capabilities_list_the_types_with_json_schemas() -> None:
     caps = AlgorithmicAdapter().get_capabilities()
     assert isinstance(caps, ExecutorCapabilities)
-    assert caps.supported_task_types == ["echo", "sleep", "fail", "code_analysis"]
+    assert caps.supported_task_types == ["echo", "sleep", "fail", "code_analysis", "fanout"]
     assert set(caps.input_schema) == set(caps.output_schema) == set(caps.supported_task_types)
     assert caps.input_schema["sleep"]["properties"]["ms"]["maximum"] == 10 * 60 * 1000
     assert caps.input_schema["sleep"]["required"] == ["ms"]
     assert caps.input_schema["code_analysis"]["required"] == ["source"]
     # The coordinator stores schemas as JSON of at most executor_schema_bytes_max (64 KiB).
     assert len(json.dumps(caps.model_dump())) < 64 * 1024
+
+
+async def test_fanout_needs_a_coordinator_and_checks_its_input() -> None:
+    adapter = AlgorithmicAdapter()
+    with pytest.raises(InvalidTaskInput, match="input.children"):
+        await adapter.execute(ExecutorTask("t", 1, "fanout", {"children": []}, {}), LocalContext())
+    with pytest.raises(PermanentTaskError, match="no coordinator"):
+        await adapter.execute(ExecutorTask("t", 1, "fanout", {"children": [{"type": "echo"}]}, {}), LocalContext())
 
 
 def test_error_tree_retryability() -> None:
