@@ -541,12 +541,14 @@ def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, out
         emit_json({"executors": rows})
         return
     table = Table(title="executors")
-    for column in ("id", "type", "task types", "load", "status", "completed", "failed", "success", "registered"):
+    for column in ("id", "type", "task types", "load", "status", "last heartbeat", "completed", "failed", "success",
+                   "registered"):
         table.add_column(column)
     for e in response.executors:
         finished = e.tasks_completed + e.tasks_failed
         success = f"{100 * e.tasks_completed / finished:.0f} %" if finished else "—"
-        table.add_row(e.id, e.type, ",".join(e.supported_task_types), f"{e.load}/{e.capacity}", e.status,
+        heartbeat = f"{e.heartbeat_age_s:.1f} s ago" if e.heartbeat_age_s >= 0 else "unknown here"
+        table.add_row(e.id, e.type, ",".join(e.supported_task_types), f"{e.load}/{e.capacity}", e.status, heartbeat,
                       str(e.tasks_completed), str(e.tasks_failed), success, fmt_ms(e.registered_at_unix_ms))
     console.print(table)
 

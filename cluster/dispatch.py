@@ -311,6 +311,14 @@ class Dispatcher:
         if self._is_leader():
             self._leader_seen[executor_id] = now
 
+    def heartbeat_age_s(self, executor_id: str) -> float:
+        """Seconds since the executor's last sign of life as this node knows it (its own stream,
+        or on the leader the relayed heartbeats); -1 when this node cannot tell."""
+        seen = [t for t in (self._local_seen.get(executor_id), self._leader_seen.get(executor_id)) if t is not None]
+        if executor_id not in self.connections and not self._is_leader():
+            return -1.0
+        return time.monotonic() - max(seen) if seen else -1.0
+
     def relay(self, executor_ids: list[str]) -> None:
         """Heartbeats relayed by a follower for the executors connected to it."""
         if not self._is_leader():

@@ -80,10 +80,11 @@ def task_to_pb(record: TaskRecord) -> pb.Task:
     )
 
 
-def executor_to_pb(record: ExecutorRecord, load: int = 0, connected_here: bool = False) -> pb.Executor:
+def executor_to_pb(record: ExecutorRecord, load: int = 0, connected_here: bool = False,
+                   heartbeat_age_s: float = -1.0) -> pb.Executor:
     return pb.Executor(
         load=load, tasks_completed=record.tasks_completed, tasks_failed=record.tasks_failed,
-        connected_here=connected_here,
+        connected_here=connected_here, heartbeat_age_s=heartbeat_age_s,
         id=record.id, name=record.name, type=record.type, supported_task_types=list(record.task_types),
         capacity=record.capacity, status=record.status, registered_at_unix_ms=record.registered_at_ms,
         input_schema_json=record.input_schema_json, output_schema_json=record.output_schema_json,
@@ -309,8 +310,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         await self._barrier(request.consistency, context)
         with self._lock:
             rows = [(r, len(self._fsm.executor_tasks.get(r.id, ()))) for r in self._fsm.executors.values()]
-        connected = self._dispatcher.connections if self._dispatcher is not None else {}
-        return pb.ListExecutorsResponse(executors=[executor_to_pb(r, load, r.id in connected) for r, load in rows])
+        dispatcher = self._dispatcher
+        connected = dispatcher.connections if dispatcher is not None else {}
+        return pb.ListExecutorsResponse(executors=[
+            executor_to_pb(r, load, r.id in connected, dispatcher.heartbeat_age_s(r.id) if dispatcher else -1.0)
+            for r, load in rows])
 
     async def RequeueTask(self, request: pb.RequeueTaskRequest, context) -> pb.RequeueTaskResponse:  # noqa: N802
         extra = request.extra_attempts or self._limits.max_attempts_default

@@ -238,6 +238,12 @@ def test_retries_dead_letter_requeue_unschedulable_and_cancel(cluster3, executor
         assert wait_final(client, [after], timeout_s=20)[0].status == "completed"
     with open(os.path.join(data_dir, "executor-worker.log")) as f:
         assert f"cancel ('{long}', 1)" in f.read()
+    listed = subprocess.run([sys.executable, "-m", "cluster.cli", "executor", "list", "--output", "json",
+                             "--endpoints", cluster3.node(cluster3.wait_leader()).grpc_address],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    [worker] = json.loads(listed.stdout)["executors"]
+    assert worker["status"] == "online" and worker["capacity"] == 1 and worker["tasks_completed"] >= 3
+    assert 0 <= worker["heartbeat_age_s"] < 10  # the leader hears every executor
 
 
 def test_cancelling_a_dag_stops_its_running_tasks_and_cancels_the_rest(cluster3, executors) -> None:
