@@ -31,11 +31,12 @@ from typing import Any
 import grpc
 
 from cluster.proposer import ProposeError, Proposer
+from cluster.service import executor_input_from_pb
 from coordinator import commands as cmd
 from coordinator.errors import Compacted, CoordinatorError
 from coordinator.fsm import LEASED_STATUSES, CoordinatorFSM
 from coordinator.limits import Limits
-from coordinator.validation import ExecutorInput, build_executor_spec
+from coordinator.validation import build_executor_spec
 from proto import coordinator_pb2 as pb
 from scheduler.policies import get_policy
 from scheduler.queue import ReadyQueue
@@ -169,15 +170,7 @@ class Dispatcher:
         if not spec.id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello.executor.id: required (a stable id)")
         try:
-            payload = build_executor_spec(
-                ExecutorInput(name=spec.name or spec.id, type=spec.type, id=spec.id,
-                              supported_task_types=list(spec.supported_task_types),
-                              input_schema_json=spec.input_schema_json, output_schema_json=spec.output_schema_json,
-                              performance_profile_json=spec.performance_profile_json,
-                              context_window_size=spec.context_window_size, capacity=spec.capacity or 1,
-                              metadata=dict(spec.metadata)),
-                new_id=lambda: spec.id, limits=self._limits,
-            )
+            payload = build_executor_spec(executor_input_from_pb(spec), new_id=lambda: spec.id, limits=self._limits)
             result = await self._proposer.propose(cmd.register_executor(now_ms(), payload))
         except CoordinatorError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)

@@ -102,6 +102,15 @@ def task_input_from_pb(spec: pb.TaskSpec) -> TaskInput:
     )
 
 
+def executor_input_from_pb(spec: pb.ExecutorSpec) -> ExecutorInput:
+    return ExecutorInput(
+        name=spec.name or spec.id, type=spec.type, id=spec.id, supported_task_types=list(spec.supported_task_types),
+        input_schema_json=spec.input_schema_json, output_schema_json=spec.output_schema_json,
+        performance_profile_json=spec.performance_profile_json, context_window_size=spec.context_window_size,
+        capacity=spec.capacity or 1, metadata=dict(spec.metadata),
+    )
+
+
 class AppliedWaiters:
     """Lets coroutines wait for the next applied entry without polling. The raft tick thread calls
     `notify` (through call_soon_threadsafe); it is cheap when nobody waits."""
@@ -287,16 +296,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         try:
             if len(self._fsm.executors) >= self._limits.executors_max and spec.id not in self._fsm.executors:
                 raise InvalidArgument(f"executor: at most {self._limits.executors_max} executors are registered")
-            payload = build_executor_spec(
-                ExecutorInput(
-                    name=spec.name, type=spec.type, id=spec.id, supported_task_types=list(spec.supported_task_types),
-                    input_schema_json=spec.input_schema_json, output_schema_json=spec.output_schema_json,
-                    performance_profile_json=spec.performance_profile_json,
-                    context_window_size=spec.context_window_size, capacity=spec.capacity or 1,
-                    metadata=dict(spec.metadata),
-                ),
-                new_id=new_executor_id, limits=self._limits,
-            )
+            payload = build_executor_spec(executor_input_from_pb(spec), new_id=new_executor_id, limits=self._limits)
         except CoordinatorError as exc:
             await self._abort(context, exc.code, exc.message)
         value = await self._propose(cmd.register_executor(now_ms(), payload), context)
