@@ -72,7 +72,9 @@ class _Connection:
         self.spec = spec  # to re-register it if the leader declared it lost while it lives
         self.reregistering = False
         self.queue: asyncio.Queue[pb.DispatchMessage | None] = asyncio.Queue(queue_max)
-        self.pushed: set[tuple[str, int]] = set()
+        # task -> attempt pushed on this stream; an entry leaves when the task leaves the
+        # executor, so this is bounded by what it holds, not by everything it ever ran
+        self.pushed: dict[str, int] = {}
         self.closed = False
 
     def push(self, message: pb.DispatchMessage) -> None:
@@ -213,12 +215,11 @@ class Dispatcher:
             self._push_assignment(connection, record)
 
     def _push_assignment(self, connection: _Connection, record: Any) -> None:
-        key = (record.id, record.attempt)
         if record.status not in LEASED_STATUSES or record.assigned_executor != connection.executor_id:
             return
-        if key in connection.pushed:
+        if connection.pushed.get(record.id) == record.attempt:
             return
-        connection.pushed.add(key)
+        connection.pushed[record.id] = record.attempt
         connection.push(pb.DispatchMessage(assignment=pb.Assignment(
             task_id=record.id, attempt=record.attempt, type=record.type, input_json=record.input_json,
             metadata=record.metadata or {}, deadline_unix_ms=record.deadline_ms,
@@ -235,7 +236,9 @@ class Dispatcher:
                     # Declared lost (e.g. it was paused past its lease) but talking again: bring
                     # it back. Its old attempts stay fenced out; it gets new work.
                     connection.reregistering = True
-                    asyncio.create_task(self._reregister(connection))
+                    task = asyncio.create_task(self._reregister(connection))
+                    pending.add(task)  # asyncio keeps only weak references to tasks
+                    task.add_done_callback(pending.discard)
                 kind = message.WhichOneof("kind")
                 if kind == "heartbeat" or kind == "hello":
                     continue
@@ -387,6 +390,10 @@ class Dispatcher:
                                                                           reason="cancelled")))
         elif kind == "TaskFailed":
             self._queue.discard(task_id)
+        if kind in ("TaskCompleted", "TaskFailed", "TaskCancelled", "TaskRequeued") and executor_id:
+            connection = self.connections.get(executor_id)
+            if connection is not None:
+                connection.pushed.pop(task_id, None)
         elif kind in ("ExecutorLost", "ExecutorUnregistered"):
             self._leader_seen.pop(executor_id, None)
 
