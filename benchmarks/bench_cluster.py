@@ -32,7 +32,6 @@ import collections
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.bench_etcd import FailoverResult as EtcdFailoverResult
 from benchmarks.loadgen import REPO_ROOT, Result, machine_note, markdown_table, run_closed_loop, run_in_subprocess
 
 SERVICE = "/agentcoordinator.v1.Coordinator/"
@@ -398,22 +398,10 @@ def run_dag(cl: OurCluster, concurrency: int, duration_s: float | None, *, count
 
 
 @dataclass
-class FailoverResult:
-    runs_s: list[float]
-    attempts: list[int]
+class FailoverResult(EtcdFailoverResult):
+    """The etcd benchmark's failover result, plus how long the killed node took to serve again."""
+
     restart_serving_s: list[float] = field(default_factory=list)  # killed node: start -> ClusterStatus answers
-
-    @property
-    def min_s(self) -> float:
-        return min(self.runs_s)
-
-    @property
-    def median_s(self) -> float:
-        return statistics.median(self.runs_s)
-
-    @property
-    def max_s(self) -> float:
-        return max(self.runs_s)
 
 
 async def _time_to_first_submit(cl: OurCluster, leader: str, survivors: list[str], probe_every_s: float,
