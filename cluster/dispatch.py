@@ -139,9 +139,7 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        with self._lock:
-            self._rebuild_mirror()
-            cursor = self._fsm.last_applied_index + 1
+        cursor = self._fsm.last_applied_index + 1  # the mirror is built when this node becomes leader
         self._tasks = [
             asyncio.create_task(self._event_pump(cursor), name="dispatch-events"),
             asyncio.create_task(self._scheduler_loop(), name="dispatch-scheduler"),
@@ -374,28 +372,35 @@ class Dispatcher:
 
     def _on_event(self, event: tuple) -> None:
         kind, task_id, executor_id = event[2], event[3], event[4]
+        # Only the leader schedules, and a new leader rebuilds its mirror from state, so
+        # followers skip mirroring (it was their main cost under DAG load).
+        mirror = self._was_leader
         if kind == "TaskReady":
-            self._mirror_add(task_id)
+            if mirror:
+                self._mirror_add(task_id)
         elif kind == "TaskAssigned":
-            self._queue.discard(task_id)
+            if mirror:
+                self._queue.discard(task_id)
             connection = self.connections.get(executor_id)
             if connection is not None:
                 self._push_assignment(connection, self._fsm.tasks[task_id])
         elif kind == "TaskCancelled":
-            self._queue.discard(task_id)
+            if mirror:
+                self._queue.discard(task_id)
             connection = self.connections.get(executor_id) if executor_id else None
             if connection is not None:
                 attempt = json.loads(event[6]).get("attempt", 0)
                 connection.push(pb.DispatchMessage(cancel=pb.CancelAttempt(task_id=task_id, attempt=attempt,
                                                                           reason="cancelled")))
         elif kind == "TaskFailed":
-            self._queue.discard(task_id)
+            if mirror:
+                self._queue.discard(task_id)
+        elif kind in ("ExecutorLost", "ExecutorUnregistered"):
+            self._leader_seen.pop(executor_id, None)
         if kind in ("TaskCompleted", "TaskFailed", "TaskCancelled", "TaskRequeued") and executor_id:
             connection = self.connections.get(executor_id)
             if connection is not None:
                 connection.pushed.pop(task_id, None)
-        elif kind in ("ExecutorLost", "ExecutorUnregistered"):
-            self._leader_seen.pop(executor_id, None)
 
     # ------------------------------------------------------------------ scheduler (leader)
     def _rebuild_mirror(self) -> None:
