@@ -371,9 +371,10 @@ def _phases(stamps: dict[str, dict[str, Any]], ours: set[str], t0: float) -> dic
 class OurDispatchCluster:
     """3 nodes (``bench_cluster.OurCluster``) and ``agents`` executor agent processes."""
 
-    def __init__(self, agents: int = 4, capacity: int = 8, base_dir: str | None = None) -> None:
+    def __init__(self, agents: int = 4, capacity: int = 8, base_dir: str | None = None, prefetch: int = 0) -> None:
         self.n_agents = agents
         self.capacity = capacity
+        self.prefetch = prefetch
         self.base_dir = base_dir
         self.cl = None
         self.agents: list[subprocess.Popen] = []
@@ -394,7 +395,8 @@ class OurDispatchCluster:
                 with open(log_path, "ab") as log_file:
                     self.agents.append(subprocess.Popen(
                         [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", "algorithmic",
-                         "--name", f"bench-e{k}", "--capacity", str(self.capacity), "--endpoints", ",".join(rotated),
+                         "--name", f"bench-e{k}", "--capacity", str(self.capacity),
+                         "--prefetch", str(self.prefetch), "--endpoints", ",".join(rotated),
                          "--log-level", "WARNING", "--output", "json"],
                         cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                         stderr=log_file, preexec_fn=die_with_parent))
@@ -467,7 +469,7 @@ def run_ours(args, prof_dir: str | None) -> dict[str, Any]:
     from benchmarks.bench_cluster import CpuSampler, Profiler
 
     out: dict[str, Any] = {}
-    with OurDispatchCluster(agents=args.agents, capacity=args.capacity) as oc:
+    with OurDispatchCluster(agents=args.agents, capacity=args.capacity, prefetch=args.prefetch) as oc:
         cl = oc.cl
         leader = cl.leader()
         leader_ep = cl.node(leader).grpc_address
@@ -899,6 +901,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", choices=("dag", "submit"), default=["dag", "submit"])
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--capacity", type=int, default=8)
+    ap.add_argument("--prefetch", type=int, default=0,
+                    help="attempts each agent may hold queued beyond --capacity (Celery's prefetch is 4 x concurrency)")
     ap.add_argument("--celery-workers", type=int, default=2)
     ap.add_argument("--celery-concurrency", type=int, default=1)
     ap.add_argument("--celery-acks-late", choices=("off", "on", "both"), default="both")

@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 GRPC_MESSAGE_BYTES_MAX = 32 << 20          # same as cluster.client: big inputs/outputs fit
 ERROR_MESSAGE_CHARS_MAX = 4_096            # error text of a failed report; the rest is cut
+PREFETCH_MAX = 10_000                      # attempts an agent may hold queued beyond its capacity
+BATCH_MESSAGES_MAX = 256                   # stream messages per gRPC message, either direction
 
 
 # ------------------------------------------------------------------------------------------ limits
@@ -195,9 +197,10 @@ class _Running:
 class _Pending:
     """The unacked reports of one attempt.
 
-    `started` is kept until acked, but once a terminal report exists it is only sent on a stream
-    where it was never sent before (so the server sees started before completed); after a
-    reconnect the terminal report alone is re-sent, since it supersedes started. `acks_expected`
+    `started` is kept until acked. If the attempt ends before `started` was ever sent, the
+    terminal report is sent alone with `implies_started` (the node records both in one
+    command); after a reconnect the terminal report alone is re-sent, since it supersedes
+    started. `acks_expected`
     counts reports about this attempt sent on the current stream and not yet acked: acks carry
     only (task_id, attempt), so counting is how an ack of `started` is told apart from an ack of
     the terminal report that follows it.
@@ -261,6 +264,7 @@ class ExecutorAgent:
         executor_type: str,
         capacity: int,
         endpoints: Sequence[str],
+        prefetch: int = 0,
         heartbeat_interval_s: float = 1.0,
         metadata: Mapping[str, str] | None = None,
         limits: AgentLimits | None = None,
@@ -270,6 +274,8 @@ class ExecutorAgent:
             raise ValueError("executor_id: a non-empty str (the same id after a reconnect resumes its leases)")
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity: an int >= 1, got {capacity!r}")
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 0 <= prefetch <= PREFETCH_MAX:
+            raise ValueError(f"prefetch: an int in [0, {PREFETCH_MAX}], got {prefetch!r}")
         if not endpoints or not all(isinstance(e, str) and e for e in endpoints):
             raise ValueError("endpoints: at least one host:port")
         if not heartbeat_interval_s > 0:
@@ -278,7 +284,8 @@ class ExecutorAgent:
         self.executor_id = executor_id
         self.name = name or executor_id
         self.executor_type = executor_type
-        self.capacity = capacity
+        self.capacity = capacity            # attempts run at once
+        self.prefetch = prefetch            # attempts leased beyond that, queued here
         self.endpoints = list(endpoints)
         self.limits = limits or AgentLimits()
         self.default_heartbeat_interval_s = heartbeat_interval_s
@@ -291,6 +298,9 @@ class ExecutorAgent:
         self.counters = AgentCounters()
 
         self._running: dict[AttemptKey, _Running] = {}
+        # Leased to us and waiting for a free slot (prefetch), in arrival order. Their leases
+        # live as long as we do, like those of running attempts; `started` goes out on start.
+        self._queued: OrderedDict[AttemptKey, ExecutorTask] = OrderedDict()
         # Insertion-ordered so the oldest entry is the one dropped when a bound is hit.
         self._finished: OrderedDict[AttemptKey, str] = OrderedDict()
         self._outbox: OrderedDict[AttemptKey, _Pending] = OrderedDict()
@@ -365,6 +375,9 @@ class ExecutorAgent:
     def running_attempts(self) -> list[AttemptKey]:
         return sorted(k for k, r in self._running.items() if not r.cancelled_by_server)
 
+    def queued_attempts(self) -> list[AttemptKey]:
+        return list(self._queued)
+
     def progress_of(self, task_id: str, attempt: int) -> list[tuple[float, str]]:
         running = self._running.get((task_id, attempt))
         return [(r.fraction, r.message) for r in running.ctx.reports] if running else []
@@ -376,12 +389,14 @@ class ExecutorAgent:
             "name": self.name,
             "type": self.executor_type,
             "capacity": self.capacity,
+            "prefetch": self.prefetch,
             "connected": self._connected.is_set(),
             "endpoint": self._connected_endpoint,
             "node_id": self._node_id,
             "heartbeat_interval_s": self._heartbeat_interval_s,
             "lease_ttl_s": self._lease_ttl_s,
             "running": [{"task_id": t, "attempt": a} for t, a in self.running_attempts()],
+            "queued": [{"task_id": t, "attempt": a} for t, a in self.queued_attempts()],
             "outbox_total": len(self._outbox),
             "finished_remembered_total": len(self._finished),
             **self.counters.as_dict(),
@@ -397,7 +412,11 @@ class ExecutorAgent:
             input_schema_json=json.dumps(caps.input_schema, sort_keys=True),
             output_schema_json=json.dumps(caps.output_schema, sort_keys=True),
             performance_profile_json=json.dumps(caps.performance_profile, sort_keys=True),
-            context_window_size=caps.context_window_size, capacity=self.capacity, metadata=self.metadata,
+            # The cluster leases up to capacity + prefetch attempts to us (its view of our slots);
+            # the metadata says how they split, for `executor list`.
+            context_window_size=caps.context_window_size, capacity=self.capacity + self.prefetch,
+            metadata={**self.metadata, **({"runs_at_once": str(self.capacity), "prefetch": str(self.prefetch)}
+                                          if self.prefetch else {})},
         )
 
     async def _connection_loop(self) -> None:
@@ -494,17 +513,22 @@ class ExecutorAgent:
             message = await call.read()
             if message is grpc.aio.EOF:
                 raise _StreamBroken("server closed the stream")
-            kind = message.WhichOneof("kind")
-            if kind == "assignment":
-                self._on_assignment(message.assignment)
-            elif kind == "cancel":
-                await self._on_cancel(message.cancel)
-            elif kind == "ack":
-                self._on_ack(message.ack, generation)
-            elif kind == "welcome":
-                log.warning("executor %s: ignoring a second welcome", self.executor_id)
+            if message.WhichOneof("kind") == "batch":
+                parts = message.batch.messages[:BATCH_MESSAGES_MAX]
             else:
-                log.warning("executor %s: ignoring unknown dispatch message %r", self.executor_id, kind)
+                parts = (message,)
+            for part in parts:
+                kind = part.WhichOneof("kind")
+                if kind == "assignment":
+                    self._on_assignment(part.assignment)
+                elif kind == "cancel":
+                    await self._on_cancel(part.cancel)
+                elif kind == "ack":
+                    self._on_ack(part.ack, generation)
+                elif kind == "welcome":
+                    log.warning("executor %s: ignoring a second welcome", self.executor_id)
+                else:
+                    log.warning("executor %s: ignoring dispatch message %r", self.executor_id, kind)
 
     async def _write_loop(self, call: Any, generation: int) -> None:
         """The only writer of the stream (a stream allows one write at a time): unsent reports
@@ -516,6 +540,7 @@ class ExecutorAgent:
         while True:
             self._outbox_changed.clear()
             next_resend_s = float("inf")
+            out: list[pb.ExecutorMessage] = []
             for key in list(self._outbox):
                 pending = self._outbox.get(key)
                 if pending is None:
@@ -530,22 +555,32 @@ class ExecutorAgent:
                     # report is still being written, and must not look like the last ack.
                     pending.acks_expected += len(messages)
                     pending.sent_s = now_s
-                    for message in messages:
-                        self.counters.reports_sent_total += 1
-                        await self._write(call, message)
+                    self.counters.reports_sent_total += len(messages)
+                    out.extend(messages)
+                    if len(out) >= BATCH_MESSAGES_MAX:
+                        await self._write_batch(call, out)
+                        out = []
                 if pending.acks_expected > 0:
                     next_resend_s = min(next_resend_s, pending.sent_s + resend_interval_s)
             now_s = loop.time()
             if now_s >= next_heartbeat_s:
                 running = [pb.RunningAttempt(task_id=t, attempt=a) for t, a in self.running_attempts()]
-                await self._write(call, pb.ExecutorMessage(heartbeat=pb.Heartbeat(running=running)))
+                out.append(pb.ExecutorMessage(heartbeat=pb.Heartbeat(running=running)))
                 self.counters.heartbeats_sent_total += 1
                 next_heartbeat_s = now_s + self._heartbeat_interval_s
+            if out:
+                await self._write_batch(call, out)
             wake_s = min(next_heartbeat_s, next_resend_s)
             try:
                 await asyncio.wait_for(self._outbox_changed.wait(), max(0.0, wake_s - loop.time()))
             except asyncio.TimeoutError:
                 pass
+
+    async def _write_batch(self, call: Any, messages: list[pb.ExecutorMessage]) -> None:
+        if len(messages) == 1:
+            await self._write(call, messages[0])
+        else:
+            await self._write(call, pb.ExecutorMessage(batch=pb.ExecutorBatch(messages=messages)))
 
     @staticmethod
     def _mark_for_resend(pending: _Pending) -> None:
@@ -563,10 +598,17 @@ class ExecutorAgent:
         """Reports of `pending` to send on stream `generation`, marked as sent on it."""
         messages = []
         if pending.started is not None and pending.started_sent_stream != generation:
-            # With a terminal report queued, started goes out only if it never went out at all.
-            if pending.terminal is None or pending.started_sent_stream == 0:
+            if pending.terminal is None:
                 messages.append(pending.started)
-            pending.started_sent_stream = generation
+                pending.started_sent_stream = generation
+            elif pending.started_sent_stream == 0:
+                # The attempt ended before `started` went out: the terminal report stands for
+                # both (one Raft command instead of two). It keeps saying so if re-sent.
+                report = pending.terminal
+                getattr(report, report.WhichOneof("kind")).implies_started = True
+                pending.started = None
+            else:
+                pending.started_sent_stream = generation  # sent on an older stream: superseded
         if pending.terminal is not None and pending.terminal_sent_stream != generation:
             messages.append(pending.terminal)
             pending.terminal_sent_stream = generation
@@ -626,7 +668,7 @@ class ExecutorAgent:
         if not assignment.task_id:
             log.warning("executor %s: ignoring an assignment without task_id", self.executor_id)
             return
-        if key in self._running or key in self._finished:
+        if key in self._running or key in self._queued or key in self._finished:
             # Re-sent after a reconnect: the attempt runs or ran here already. Its unacked
             # reports, if any, are in the outbox and were re-sent on this stream.
             self.counters.assignments_duplicate_total += 1
@@ -635,10 +677,11 @@ class ExecutorAgent:
         if self._stopping:
             self._reject(key, RetryableTaskError("executor shutting down"))
             return
-        if len(self._running) >= self.capacity:
+        if len(self._running) + len(self._queued) >= self.capacity + self.prefetch:
             self.counters.assignments_over_capacity_total += 1
             self._reject(key, RetryableTaskError(
-                f"executor at capacity: {len(self._running)} attempts running, capacity {self.capacity}"))
+                f"executor at capacity: {len(self._running)} attempts running, {len(self._queued)} queued "
+                f"(capacity {self.capacity}, prefetch {self.prefetch})"))
             return
         try:
             task_input = json.loads(assignment.input_json) if assignment.input_json else None
@@ -652,6 +695,13 @@ class ExecutorAgent:
         except Exception as exc:            # noqa: BLE001 — the invariant names the bad field
             self._reject(key, PermanentTaskError(f"bad assignment: {exc}"))
             return
+        if len(self._running) >= self.capacity:
+            self._queued[key] = task
+            log.debug("executor %s: queued %s", self.executor_id, key)
+            return
+        self._start(key, task)
+
+    def _start(self, key: AttemptKey, task: ExecutorTask) -> None:
         running = _Running(key=key, type=task.type,
                            ctx=AttemptContext(progress_reports_max=self.limits.progress_reports_max, agent=self,
                                               key=key))
@@ -661,6 +711,11 @@ class ExecutorAgent:
                            terminal=False)
         running.task = asyncio.create_task(self._run_attempt(running, task), name=f"attempt-{key[0]}-{key[1]}")
         log.info("executor %s: running %s %s", self.executor_id, task.type, key)
+
+    def _start_queued(self) -> None:
+        while self._queued and len(self._running) < self.capacity and not self._stopping:
+            key, task = self._queued.popitem(last=False)
+            self._start(key, task)
 
     def _reject(self, key: AttemptKey, error: TaskError) -> None:
         """Report an attempt failed without running it."""
@@ -693,18 +748,23 @@ class ExecutorAgent:
             self._remember_finished(key, "cancelled")
             self.counters.attempts_discarded_total += 1
             log.info("executor %s: %s ended after cancel (%s); result discarded", self.executor_id, key, outcome)
-            return
-        self._remember_finished(key, outcome)
-        if outcome == "completed":
-            self.counters.attempts_completed_total += 1
         else:
-            self.counters.attempts_failed_total += 1
-        self._queue_report(key, message, terminal=True)
-        log.info("executor %s: %s %s", self.executor_id, key, outcome)
+            self._remember_finished(key, outcome)
+            if outcome == "completed":
+                self.counters.attempts_completed_total += 1
+            else:
+                self.counters.attempts_failed_total += 1
+            self._queue_report(key, message, terminal=True)
+            log.info("executor %s: %s %s", self.executor_id, key, outcome)
+        self._start_queued()  # after the report above, so reports leave in the order attempts ended
 
     async def _on_cancel(self, cancel: pb.CancelAttempt) -> None:
         # attempt 0 = every attempt of the task (defensive; the server names the attempt).
         keys = [k for k in self._running if k[0] == cancel.task_id and cancel.attempt in (0, k[1])]
+        for key in [k for k in self._queued if k[0] == cancel.task_id and cancel.attempt in (0, k[1])]:
+            del self._queued[key]           # never started: nothing to stop, nothing to report
+            self._remember_finished(key, "cancelled")
+            self.counters.attempts_discarded_total += 1
         for key in [k for k in self._outbox if k[0] == cancel.task_id and cancel.attempt in (0, k[1])]:
             del self._outbox[key]           # results of cancelled attempts are discarded
         if cancel.attempt and not keys:
@@ -730,6 +790,9 @@ class ExecutorAgent:
 
     async def _shutdown(self) -> None:
         self._stopping = True
+        while self._queued:                 # never started: hand them back at once
+            key, _task = self._queued.popitem(last=False)
+            self._reject(key, RetryableTaskError("executor shutting down"))
         tasks = [r.task for r in self._running.values() if r.task is not None]
         log.info("executor %s stopping: cancelling %d running attempts", self.executor_id, len(tasks))
         for running in list(self._running.values()):

@@ -560,6 +560,8 @@ def executor_run(
     executor_id: str = typer.Option(None, "--id", help="stable executor id (default: the name); the same id "
                                                        "after a restart resumes its leases"),
     capacity: int = typer.Option(1, "--capacity", help="attempts run at once, >= 1"),
+    prefetch: int = typer.Option(0, "--prefetch", help="attempts leased beyond --capacity and queued here, so a "
+                                                       "slot that frees starts the next one at once (0-10000)"),
     heartbeat_interval_s: float = typer.Option(1.0, "--heartbeat-interval-s",
                                                help="used until the node's welcome names its own"),
     log_level: str = typer.Option("INFO", "--log-level"),
@@ -572,10 +574,12 @@ def executor_run(
     to stderr; on exit a summary goes to stdout."""
     import signal
 
-    from cluster.agent import ExecutorAgent, build_adapter
+    from cluster.agent import PREFETCH_MAX, ExecutorAgent, build_adapter
 
     if capacity < 1:
         fail(f"--capacity: >= 1, got {capacity}")
+    if not 0 <= prefetch <= PREFETCH_MAX:
+        fail(f"--prefetch: between 0 and {PREFETCH_MAX}, got {prefetch}")
     try:
         adapter = build_adapter(type_)
     except ValueError as exc:
@@ -584,7 +588,8 @@ def executor_run(
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     agent = ExecutorAgent(adapter, executor_id=executor_id or name, name=name, executor_type=type_,
-                          capacity=capacity, endpoints=eps, heartbeat_interval_s=heartbeat_interval_s)
+                          capacity=capacity, prefetch=prefetch, endpoints=eps,
+                          heartbeat_interval_s=heartbeat_interval_s)
 
     async def main_async() -> None:
         stop = asyncio.Event()

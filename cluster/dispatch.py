@@ -60,6 +60,7 @@ class DispatchSettings:
     outgoing_queue_max: int = 10_000  # per executor stream; a stream that falls this far behind is closed
     reports_in_flight_max: int = 256  # per executor stream
     events_batch_max: int = 1000
+    batch_messages_max: int = 256  # stream messages per gRPC message, either direction
 
 
 def now_ms() -> int:
@@ -192,11 +193,26 @@ class Dispatcher:
         self._push_leased(connection)
         reader = asyncio.create_task(self._read_reports(requests, connection))
         try:
+            batch_max = self.settings.batch_messages_max
             while True:
                 message = await connection.queue.get()
                 if message is None:
                     break
-                yield message
+                if connection.queue.empty():
+                    yield message
+                    continue
+                # Whatever queued up meanwhile goes out as one gRPC message.
+                messages = [message]
+                closed = False
+                while len(messages) < batch_max and not connection.queue.empty():
+                    queued = connection.queue.get_nowait()
+                    if queued is None:
+                        closed = True
+                        break
+                    messages.append(queued)
+                yield pb.DispatchMessage(batch=pb.DispatchBatch(messages=messages))
+                if closed:
+                    break
         finally:
             reader.cancel()
             connection.close()
@@ -238,12 +254,18 @@ class Dispatcher:
                     pending.add(task)  # asyncio keeps only weak references to tasks
                     task.add_done_callback(pending.discard)
                 kind = message.WhichOneof("kind")
-                if kind == "heartbeat" or kind == "hello":
-                    continue
-                await in_flight.acquire()
-                task = asyncio.create_task(self._handle_report(connection, kind, getattr(message, kind)))
-                pending.add(task)
-                task.add_done_callback(lambda t: (pending.discard(t), in_flight.release()))
+                if kind == "batch":
+                    parts = message.batch.messages[:self.settings.batch_messages_max]
+                else:
+                    parts = (message,)
+                for part in parts:
+                    kind = part.WhichOneof("kind")
+                    if kind not in ("started", "completed", "failed"):
+                        continue  # heartbeats count as life above; a nested batch or hello is ignored
+                    await in_flight.acquire()
+                    task = asyncio.create_task(self._handle_report(connection, kind, getattr(part, kind)))
+                    pending.add(task)
+                    task.add_done_callback(lambda t: (pending.discard(t), in_flight.release()))
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
         except Exception:
@@ -266,21 +288,22 @@ class Dispatcher:
         if kind == "started":
             command = cmd.start_task(stamp, report.task_id, report.attempt, executor_id)
         elif kind == "completed":
+            started = report.implies_started
             output = report.output_json or "null"
             if len(output.encode()) > self.settings.result_bytes_max:
                 command = cmd.fail_task(stamp, report.task_id, report.attempt, executor_id,
-                                        f"result: at most {self.settings.result_bytes_max} bytes", False, 0)
+                                        f"result: at most {self.settings.result_bytes_max} bytes", False, 0, started)
             else:
                 try:
                     json.loads(output)
-                    command = cmd.complete_task(stamp, report.task_id, report.attempt, executor_id, output)
+                    command = cmd.complete_task(stamp, report.task_id, report.attempt, executor_id, output, started)
                 except ValueError:
                     command = cmd.fail_task(stamp, report.task_id, report.attempt, executor_id,
-                                            "result: not valid JSON", False, 0)
+                                            "result: not valid JSON", False, 0, started)
         else:
             command = cmd.fail_task(stamp, report.task_id, report.attempt, executor_id,
                                     report.error[: self.settings.error_chars_max], report.retryable,
-                                    self._backoff_ms(report.attempt))
+                                    self._backoff_ms(report.attempt), report.implies_started)
         try:
             result = await self._proposer.propose(command)
             accepted, error = result.ok, result.message

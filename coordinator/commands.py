@@ -122,16 +122,23 @@ def start_task(now_ms: int, task_id: str, attempt: int, executor_id: str) -> dic
     return {"t": CommandType.START_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id}
 
 
-def complete_task(now_ms: int, task_id: str, attempt: int, executor_id: str, result_json: str) -> dict[str, Any]:
-    return {"t": CommandType.COMPLETE_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
-            "result": result_json}
+def complete_task(now_ms: int, task_id: str, attempt: int, executor_id: str, result_json: str,
+                  implies_started: bool = False) -> dict[str, Any]:
+    command = {"t": CommandType.COMPLETE_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
+               "result": result_json}
+    if implies_started:
+        command["st"] = True  # no START_TASK was proposed for this attempt: apply records the start too
+    return command
 
 
 def fail_task(now_ms: int, task_id: str, attempt: int, executor_id: str, error: str, retryable: bool,
-              backoff_ms: int) -> dict[str, Any]:
+              backoff_ms: int, implies_started: bool = False) -> dict[str, Any]:
     """backoff_ms is stamped by the proposer (exponential with jitter), so apply stays pure."""
-    return {"t": CommandType.FAIL_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
-            "error": error, "retryable": retryable, "backoff_ms": backoff_ms}
+    command = {"t": CommandType.FAIL_TASK, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
+               "error": error, "retryable": retryable, "backoff_ms": backoff_ms}
+    if implies_started:
+        command["st"] = True
+    return command
 
 
 def executor_lost(now_ms: int, executor_id: str, reason: str) -> dict[str, Any]:

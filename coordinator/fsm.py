@@ -404,16 +404,29 @@ class CoordinatorFSM:
         if error is not None:
             return error
         if record.status == "assigned":
-            self._set_status(record, "executing", command["now"])
-            self._events.append(self._event(index, "TaskStarted", record.id, record.assigned_executor, command["now"],
-                                            _encoder.encode({"attempt": record.attempt})))
+            self._mark_started(index, record, command["now"])
             self._trim_events()
         return ApplyResult(True, {"id": record.id, "index": index})
+
+    def _mark_started(self, index: int, record: TaskRecord, now_ms: int) -> TaskRecord:
+        self._set_status(record, "executing", now_ms)
+        self._events.append(self._event(index, "TaskStarted", record.id, record.assigned_executor, now_ms,
+                                        _encoder.encode({"attempt": record.attempt})))
+        return self.tasks[record.id]
+
+    def _implied_start(self, index: int, record: TaskRecord, command: dict[str, Any]) -> TaskRecord:
+        """A terminal report that stands for the attempt's `started` too (the executor finished
+        before sending it): record the start first, so events and history read the same as with
+        a separate START_TASK."""
+        if command.get("st") and record.status == "assigned":
+            return self._mark_started(index, record, command["now"])
+        return record
 
     def _apply_complete_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
         record, error = self._fenced(command)
         if error is not None:
             return error
+        record = self._implied_start(index, record, command)
         now_ms = command["now"]
         executor_id = record.assigned_executor
         self._release_slot(record)
@@ -431,6 +444,7 @@ class CoordinatorFSM:
         record, error = self._fenced(command)
         if error is not None:
             return error
+        record = self._implied_start(index, record, command)
         now_ms = command["now"]
         executor_id = record.assigned_executor
         self._release_slot(record)

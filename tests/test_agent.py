@@ -110,14 +110,20 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
             self.on_hello(stream)
 
         async def read() -> None:
-            async for message in request_iterator:
-                stream.received.append(message)
-                kind = message.WhichOneof("kind")
-                if kind in _REPORT_KINDS:
-                    accepted = self.ack_policy(kind, message)
-                    if accepted is not None:
-                        report = getattr(message, kind)
-                        stream.ack(report.task_id, report.attempt, accepted)
+            async for envelope in request_iterator:
+                if envelope.WhichOneof("kind") == "batch":
+                    assert len(envelope.batch.messages) > 1, "a batch of one is a wasted envelope"
+                    messages = list(envelope.batch.messages)
+                else:
+                    messages = [envelope]
+                for message in messages:
+                    stream.received.append(message)
+                    kind = message.WhichOneof("kind")
+                    if kind in _REPORT_KINDS:
+                        accepted = self.ack_policy(kind, message)
+                        if accepted is not None:
+                            report = getattr(message, kind)
+                            stream.ack(report.task_id, report.attempt, accepted)
 
         reader = asyncio.create_task(read())
         try:
@@ -176,10 +182,11 @@ class CountingAdapter:
 
 
 @contextlib.asynccontextmanager
-async def running_agent(endpoints: list[str], *, adapter: Any = None, capacity: int = 4,
+async def running_agent(endpoints: list[str], *, adapter: Any = None, capacity: int = 4, prefetch: int = 0,
                         limits: AgentLimits = FAST) -> AsyncIterator[ExecutorAgent]:
     agent = ExecutorAgent(adapter or CountingAdapter(), executor_id="w1", name="worker-1",
-                          executor_type="algorithmic", capacity=capacity, endpoints=endpoints, limits=limits)
+                          executor_type="algorithmic", capacity=capacity, prefetch=prefetch, endpoints=endpoints,
+                          limits=limits)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
@@ -226,9 +233,21 @@ async def test_hello_then_echo_reports_started_and_completed() -> None:
             node.stream.assign("t1", 1, "echo", {"x": [1, 2]})
             completed = (await eventually(lambda: node.reports("completed", "t1"), what="completed"))[0]
             assert (completed.attempt, json.loads(completed.output_json)) == (1, {"x": [1, 2]})
-            assert kinds(node.received, "t1") == ["started", "completed"]
+            # echo ends before its `started` goes out: the completion stands for both
+            assert kinds(node.received, "t1") == ["completed"] and completed.implies_started
             await eventually(lambda: agent.status()["outbox_total"] == 0, what="all reports acked")
             assert agent.adapter.executions[("t1", 1)] == 1
+
+
+async def test_a_longer_attempt_reports_started_before_it_ends() -> None:
+    async with fake_nodes(FakeCoordinator("n1")) as (node,):
+        async with running_agent([node.endpoint]) as agent:
+            await eventually(lambda: node.streams, what="hello")
+            node.stream.assign("slow", 1, "sleep", {"ms": 300})
+            await eventually(lambda: node.reports("started", "slow"), what="started")
+            completed = (await eventually(lambda: node.reports("completed", "slow"), what="completed"))[0]
+            assert kinds(node.received, "slow") == ["started", "completed"] and not completed.implies_started
+            await eventually(lambda: agent.status()["outbox_total"] == 0, what="all reports acked")
 
 
 async def test_fail_task_is_reported_retryable_and_bad_input_permanent() -> None:
@@ -333,7 +352,8 @@ async def test_report_without_ack_is_resent_on_the_same_stream() -> None:
             await eventually(lambda: len(node.reports("completed", "r1")) == 2, what="completion re-sent")
             await eventually(lambda: agent.status()["outbox_total"] == 0, what="acked after the re-send")
             assert len(node.streams) == 1 and agent.status()["reports_resent_total"] == 1
-            assert kinds(node.received, "r1") == ["started", "completed", "completed"]
+            assert kinds(node.received, "r1") == ["completed", "completed"]
+            assert all(c.implies_started for c in node.reports("completed", "r1"))  # the re-send says it too
             assert agent.adapter.executions[("r1", 1)] == 1
 
 
@@ -454,3 +474,27 @@ async def test_cli_executor_run_serves_until_sigterm() -> None:
             if proc.returncode is None:
                 proc.kill()
                 await asyncio.wait_for(proc.wait(), 10)
+
+
+async def test_prefetched_attempts_wait_for_a_slot_then_run_in_order() -> None:
+    # capacity 1 + prefetch 2: the cluster may lease 3; the 2 extra wait here, `started` only on start.
+    async with fake_nodes(FakeCoordinator("n1")) as (node,):
+        async with running_agent([node.endpoint], capacity=1, prefetch=2) as agent:
+            await eventually(lambda: node.streams, what="hello")
+            assert node.stream.hello.executor.capacity == 3
+            node.stream.assign("a", 1, "sleep", {"ms": 300})
+            await eventually(lambda: node.reports("started", "a"), what="a started")
+            node.stream.assign("b", 1, "echo", "b")
+            node.stream.assign("c", 1, "echo", "c")
+            await eventually(lambda: agent.queued_attempts() == [("b", 1), ("c", 1)], what="b and c queued")
+            assert kinds(node.received, "b") == [] and agent.running_attempts() == [("a", 1)]
+            node.stream.assign("d", 1, "echo", "d")          # a fourth is over capacity + prefetch
+            failed = (await eventually(lambda: node.reports("failed", "d"), what="d rejected"))[0]
+            assert failed.retryable and "prefetch 2" in failed.error
+            node.stream.cancel("c", 1)                        # a queued attempt is dropped, never run
+            await eventually(lambda: node.reports("completed", "b"), what="b ran after a")
+            await asyncio.sleep(0.1)
+            assert kinds(node.received, "c") == [] and ("c", 1) not in agent.adapter.executions
+            done = [m.completed.task_id for m in node.received if m.WhichOneof("kind") == "completed"]
+            assert done == ["a", "b"]
+            assert agent.status()["assignments_over_capacity_total"] == 1

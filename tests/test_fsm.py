@@ -417,18 +417,28 @@ class FSMAgainstModel(RuleBasedStateMachine):
         if ok:
             task["status"] = "executing"
 
-    @rule(data=st.data())
-    def complete(self, data) -> None:
-        task, ok = self._report(data, lambda t, a, e: cmd.complete_task(self.index + 1, t, a, e, '{"ok":1}'))
+    def _check_implied_start(self, task, implied: bool) -> None:
+        """A terminal report that stands for `started` records TaskStarted first, in the same entry."""
+        kinds = [e[2] for e in self.fsm.events_from(self.index, 10) if e[0] == self.index]
+        if implied and task["status"] == "assigned":
+            assert kinds[:1] == ["TaskStarted"] and len(kinds) >= 2, kinds
+        else:
+            assert "TaskStarted" not in kinds, kinds
+
+    @rule(data=st.data(), implied=st.booleans())
+    def complete(self, data, implied) -> None:
+        task, ok = self._report(data, lambda t, a, e: cmd.complete_task(self.index + 1, t, a, e, '{"ok":1}', implied))
         if ok:
+            self._check_implied_start(task, implied)
             task["status"] = "completed"
 
-    @rule(data=st.data(), retryable=st.booleans(), backoff_ms=st.sampled_from([0, 5, 1000]))
-    def fail(self, data, retryable, backoff_ms) -> None:
+    @rule(data=st.data(), retryable=st.booleans(), backoff_ms=st.sampled_from([0, 5, 1000]), implied=st.booleans())
+    def fail(self, data, retryable, backoff_ms, implied) -> None:
         now = self.index + 1
         task, ok = self._report(
-            data, lambda t, a, e: cmd.fail_task(now, t, a, e, "boom", retryable, backoff_ms))
+            data, lambda t, a, e: cmd.fail_task(now, t, a, e, "boom", retryable, backoff_ms, implied))
         if ok:
+            self._check_implied_start(task, implied)
             if retryable and task["attempt"] < task["max_attempts"]:
                 task.update(status="pending", not_before=now + backoff_ms)
             else:
