@@ -374,11 +374,15 @@ class Dispatcher:
             try:
                 with self._lock:
                     events = self._fsm.events_from(cursor_index, self.settings.events_batch_max, cursor_seq)
-                    for event in events:
-                        try:
-                            self._on_event(event)
-                        except Exception:  # one bad event must not stop dispatch for everyone
-                            log.exception("dispatching event %s failed", event[:5])
+                # Handled without the lock, which would stall the apply thread (and with it Raft's
+                # tick) for the whole batch. `_on_event` only does single reads of the FSM's dicts
+                # (atomic under the GIL) and its records are immutable tuples; state newer than the
+                # event is fine: a task no longer ready is skipped, a later event says what changed.
+                for event in events:
+                    try:
+                        self._on_event(event)
+                    except Exception:  # one bad event must not stop dispatch for everyone
+                        log.exception("dispatching event %s failed", event[:5])
             except Compacted:
                 # Fell behind the event ring: resynchronize from current state.
                 with self._lock:
@@ -486,8 +490,9 @@ class Dispatcher:
 
     async def _expire_silent_executors(self) -> None:
         horizon = time.monotonic() - self.settings.lease_ttl_s
-        silent = [e for e, r in self._fsm.executors.items()
-                  if r.status == "online" and self._leader_seen.setdefault(e, time.monotonic()) < horizon]
+        with self._lock:  # the apply thread may register an executor meanwhile
+            silent = [e for e, r in self._fsm.executors.items()
+                      if r.status == "online" and self._leader_seen.setdefault(e, time.monotonic()) < horizon]
         for executor_id in silent:
             self._leader_seen.pop(executor_id, None)
             log.info("executor %s silent for %.1f s: declaring it lost", executor_id, self.settings.lease_ttl_s)
