@@ -52,6 +52,9 @@ class ExecutorCapabilities(BaseModel):
     output_schema: dict[str, Any] = Field(default_factory=dict)
     performance_profile: dict[str, Any] = Field(default_factory=dict)
     context_window_size: int = 0
+    # Resumes from checkpoints (ctx.restore / ctx.executed). A task with checkpoints assigned to
+    # an executor that is not resumable restarts from scratch, recorded as such.
+    resumable: bool = False
 
 
 class Checkpoint(BaseModel):

@@ -5,6 +5,10 @@ and anyone trying the system.
     sleep          {"ms": M}          waits M ms in slices, reporting progress; stops on cancel
     fail           {"times": K}       RetryableTaskError while attempt <= K, then {"attempt": n}
     code_analysis  {"source": "...", "complexity_threshold"?: N}   see executors/code_analysis.py
+    fanout         {"children": [...], "wait_s"?: S}   delegates subtasks and waits for them
+    steps          {"steps": N, "step_ms"?: M}   N steps of M ms, a checkpoint after each; a later
+                   attempt resumes after the last checkpointed step. The output lists, for every
+                   step, the attempt that executed it, so resumption is visible from outside.
 
 Bad input raises InvalidTaskInput naming the field and the limit; unknown fields are rejected
 so that a typo is not silently ignored. `sleep` is meant to spend real time, so it uses the
@@ -43,11 +47,13 @@ class AlgorithmicLimits:
     running_tasks_max: int = 1_024              # attempts running at once; beyond → ExecutorBusy
     fanout_children_max: int = 100              # subtasks one fanout task may delegate
     fanout_wait_s_max: int = 600                # how long a fanout task may wait for them
+    steps_max: int = 10_000                     # steps of one `steps` task
+    step_ms_max: int = 60_000                   # duration of one step
     analysis: AnalysisLimits = field(default_factory=AnalysisLimits)
 
     def __post_init__(self) -> None:
         for name in ("sleep_ms_max", "sleep_slice_ms", "sleep_progress_interval_ms", "fail_times_max",
-                     "running_tasks_max", "fanout_children_max", "fanout_wait_s_max"):
+                     "running_tasks_max", "fanout_children_max", "fanout_wait_s_max", "steps_max", "step_ms_max"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"AlgorithmicLimits.{name}: an int >= 1, got {value!r}")
@@ -79,6 +85,7 @@ class AlgorithmicAdapter:
             "fail": self._fail,
             "code_analysis": self._code_analysis,
             "fanout": self._fanout,
+            "steps": self._steps,
         }
         self._running: dict[int, _Run] = {}
         self._run_ids = itertools.count(1)
@@ -125,6 +132,7 @@ class AlgorithmicAdapter:
             input_schema=self.input_schemas(),
             output_schema=self.output_schemas(),
             performance_profile={"cost_per_task": 0.0, "running_tasks_max": self.limits.running_tasks_max},
+            resumable=True,  # `steps` resumes from its checkpoints; the other types keep none
         )
 
     async def get_status(self) -> dict[str, Any]:
@@ -174,6 +182,10 @@ class AlgorithmicAdapter:
                              "items": {"type": "object", "required": ["type"]}},
                 "wait_s": {"type": "integer", "minimum": 1, "maximum": self.limits.fanout_wait_s_max, "default": 60},
             }, required=["children"]),
+            "steps": _object_schema({
+                "steps": {"type": "integer", "minimum": 1, "maximum": self.limits.steps_max},
+                "step_ms": {"type": "integer", "minimum": 0, "maximum": self.limits.step_ms_max, "default": 0},
+            }, required=["steps"]),
         }
 
     def output_schemas(self) -> dict[str, Any]:
@@ -190,6 +202,13 @@ class AlgorithmicAdapter:
                                              "findings": {"type": "array", "items": finding}},
                                             required=["summary", "findings"]),
             "fanout": _object_schema({"children": {"type": "array"}}, required=["children"]),
+            "steps": _object_schema({
+                "steps": {"type": "array", "items": _object_schema(
+                    {"step": {"type": "integer", "minimum": 1}, "attempt": {"type": "integer", "minimum": 1}},
+                    required=["step", "attempt"])},
+                "attempt": {"type": "integer", "minimum": 1},
+                "resumed_from_sequence": {"type": "integer", "minimum": 0},
+            }, required=["steps", "attempt", "resumed_from_sequence"]),
         }
 
     # -------------------------------------------------------------------------------- handlers
@@ -251,6 +270,26 @@ class AlgorithmicAdapter:
                                      f"(e.g. {first['id']}: {first['status']} {first['error']})".strip())
         return {"children": [{"id": r["id"], "output": r["output"]} for r in results]}
 
+    async def _steps(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
+        fields = _fields(task.input, allowed={"steps", "step_ms"}, required={"steps"},
+                         shape='{"steps": int, "step_ms"?: int}')
+        steps = _int_in_range(fields["steps"], "input.steps", 1, self.limits.steps_max, "steps_max")
+        step_ms = _int_in_range(fields.get("step_ms", 0), "input.step_ms", 0, self.limits.step_ms_max, "step_ms_max")
+        restored = await ctx.restore()
+        done = [{"step": a["step"], "attempt": a["attempt"]} for a in (restored.executed_actions if restored else [])]
+        for step in range(1, steps + 1):
+            action_id = f"step-{step}"
+            if ctx.executed(action_id):
+                continue                    # an earlier attempt did it and checkpointed it
+            await _pause(run, ctx, step_ms, f"in step {step} of {steps}")
+            done.append({"step": step, "attempt": task.attempt})
+            await ctx.checkpoint({"steps_done": step, "steps": steps},
+                                 action={"id": action_id, "step": step, "attempt": task.attempt},
+                                 remaining_plan=[{"from_step": step + 1, "to_step": steps}] if step < steps else [])
+            await ctx.progress(step / steps, f"step {step} of {steps}")
+        return {"steps": done, "attempt": task.attempt,
+                "resumed_from_sequence": restored.sequence_number if restored else 0}
+
     async def _code_analysis(self, task: ExecutorTask, ctx: ExecutionContext, run: _Run) -> Any:
         analysis = self.limits.analysis
         fields = _fields(task.input, allowed={"source", "complexity_threshold"}, required={"source"},
@@ -274,6 +313,17 @@ class AlgorithmicAdapter:
 def _raise_if_cancelled(run: _Run, ctx: ExecutionContext, when: str) -> None:
     if run.cancel_requested.is_set() or ctx.cancelled:
         raise TaskCancelled(f"{run.type} task {run.task_id!r} attempt {run.attempt} cancelled {when}")
+
+
+async def _pause(run: _Run, ctx: ExecutionContext, ms: int, where: str) -> None:
+    """Wait `ms`, or raise TaskCancelled as soon as cancellation is asked."""
+    _raise_if_cancelled(run, ctx, where)
+    if ms > 0:
+        try:
+            await asyncio.wait_for(run.cancel_requested.wait(), ms / 1000)
+        except TimeoutError:
+            pass
+    _raise_if_cancelled(run, ctx, where)
 
 
 def _fields(value: Any, *, allowed: set[str], required: set[str], shape: str) -> Mapping[str, Any]:

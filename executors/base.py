@@ -172,6 +172,28 @@ class ExecutionContext(Protocol):
         """Wait until the tasks are final or timeout_s passes: [{"id", "status", "output", "error"}]."""
         ...
 
+    # Checkpoints (executors/checkpointing.py). An adapter that uses them declares
+    # `resumable=True` in its capabilities; others restart from scratch after a failure.
+    async def restore(self) -> Any:
+        """The task's newest verified checkpoint as `Restored` (state, executed_actions,
+        remaining_plan, model_versions, ...), or None on a fresh start."""
+        ...
+
+    def executed(self, action_id: str) -> bool:
+        """True when an earlier attempt recorded this action as done (after `restore`)."""
+        ...
+
+    async def checkpoint(self, state: Mapping[str, Any], *, action: Any = None,
+                         remaining_plan: list[Any] | None = None,
+                         model_versions: Mapping[str, str] | None = None) -> int | None:
+        """Record state and the action just done; saved per the runtime's triggers. Returns
+        the saved sequence number, or None when it is not saved yet."""
+        ...
+
+    async def save_checkpoint(self) -> int:
+        """Save what was recorded now; returns its sequence number once durable."""
+        ...
+
 
 @runtime_checkable
 class ExecutorAdapter(Protocol):
@@ -207,9 +229,15 @@ class LocalContext:
     are dropped once `progress_reports_max` is reached; `progress_reports_total` counts them
     all), and cancellation is a flag that tests — or a runtime subclass — set."""
 
-    def __init__(self, *, progress_reports_max: int = PROGRESS_REPORTS_MAX_DEFAULT) -> None:
+    def __init__(self, *, progress_reports_max: int = PROGRESS_REPORTS_MAX_DEFAULT, checkpointer: Any = None) -> None:
         if not isinstance(progress_reports_max, int) or progress_reports_max < 1:
             raise ValueError(f"progress_reports_max: >= 1, got {progress_reports_max!r}")
+        if checkpointer is None:
+            # Here, not at the top: executors.checkpointing imports this module's errors.
+            from executors.checkpointing import Checkpointer, MemoryCheckpoints
+
+            checkpointer = Checkpointer(MemoryCheckpoints("local"), task_id="local")
+        self.checkpointer = checkpointer
         self.progress_reports_max = progress_reports_max
         self._reports: deque[ProgressReport] = deque(maxlen=progress_reports_max)
         self.progress_reports_total = 0
@@ -243,3 +271,22 @@ class LocalContext:
 
     async def wait_for(self, task_ids: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
         raise PermanentTaskError("wait_for: this context runs tasks locally, with no coordinator to ask")
+
+    async def restore(self) -> Any:
+        return await self.checkpointer.restore()
+
+    def executed(self, action_id: str) -> bool:
+        return self.checkpointer.executed(action_id)
+
+    async def checkpoint(self, state: Mapping[str, Any], *, action: Any = None,
+                         remaining_plan: list[Any] | None = None,
+                         model_versions: Mapping[str, str] | None = None) -> int | None:
+        return await self.checkpointer.checkpoint(state, action=action, remaining_plan=remaining_plan,
+                                                  model_versions=model_versions)
+
+    async def save_checkpoint(self) -> int:
+        return await self.checkpointer.save()
+
+    async def close(self) -> None:
+        """Stop the checkpoint timer, if any (the runtime calls this when the attempt ends)."""
+        await self.checkpointer.close()

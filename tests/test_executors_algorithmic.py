@@ -56,7 +56,7 @@ def test_adapter_and_context_satisfy_the_protocols() -> None:
 def test_capabilities_list_the_types_with_json_schemas() -> None:
     caps = AlgorithmicAdapter().get_capabilities()
     assert isinstance(caps, ExecutorCapabilities)
-    assert caps.supported_task_types == ["echo", "sleep", "fail", "code_analysis", "fanout"]
+    assert caps.supported_task_types == ["echo", "sleep", "fail", "code_analysis", "fanout", "steps"]
     assert set(caps.input_schema) == set(caps.output_schema) == set(caps.supported_task_types)
     assert caps.input_schema["sleep"]["properties"]["ms"]["maximum"] == 10 * 60 * 1000
     assert caps.input_schema["sleep"]["required"] == ["ms"]
