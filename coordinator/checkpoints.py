@@ -401,7 +401,8 @@ def check_record(record: CheckpointRecord, limits: CheckpointLimits) -> None:
     InvalidArgument (or BadDelta) naming the field and the limit. The proposer runs these before
     proposing; `validate_new` runs them again in apply, with the checks that need the chain."""
     _check_sequence_type(record)
-    encoded_bytes = len(canonical_bytes(record.payload))
+    encoded = canonical_bytes(record.payload)
+    encoded_bytes = len(encoded)
     if encoded_bytes > limits.checkpoint_bytes_max:
         raise InvalidArgument(f"checkpoint.payload: at most checkpoint_bytes_max={limits.checkpoint_bytes_max} bytes, got {encoded_bytes}")
     if record.payload_bytes != encoded_bytes or type(record.payload_bytes) is not int:
@@ -421,6 +422,9 @@ def check_record(record: CheckpointRecord, limits: CheckpointLimits) -> None:
         raise InvalidArgument(f"checkpoint.kind: one of {', '.join(KINDS)}, got {record.kind!r}")
     if type(record.checksum) is not str or not _CHECKSUM_RE.match(record.checksum):
         raise InvalidArgument("checkpoint.checksum: 64 lowercase hex digits of sha256")
+    if record.kind == "full" and hashlib.sha256(encoded).hexdigest() != record.checksum:
+        # Verify on write what can be verified cheaply; a delta's result is verified at restore.
+        raise InvalidArgument("checkpoint.checksum: not the sha256 of the full payload's canonical encoding")
     if type(record.timestamp_ms) is not int or record.timestamp_ms < 0:
         raise InvalidArgument(f"checkpoint.timestamp_ms: a non-negative integer, got {record.timestamp_ms!r}")
     versions = record.model_versions
