@@ -639,8 +639,11 @@ class CoordinatorFSM:
     def recover_task(self, task_id: str) -> Recovery:
         """What the next attempt of `task_id` resumes from (see checkpoints.recover). Raises
         nothing for an unknown task: it simply holds no checkpoint."""
+        # The chain first, then the task: read without the apply lock, a save landing in between
+        # makes last_sequence newer than the chain, never older (the recovery then asks for a full).
+        chain = self._checkpoints.get(task_id, ())
         task = self.tasks.get(task_id)
-        return recover(self._checkpoints.get(task_id, ()), last_sequence=task.checkpoint_sequence if task else None)
+        return recover(chain, last_sequence=task.checkpoint_sequence if task else None)
 
     _HANDLERS = {
         CommandType.NOOP: _apply_noop,
