@@ -10,6 +10,7 @@ reaches the same decision from the same records.
                 checked against its record's checksum; stop at the first gap, bad delta or
                 mismatch and return the last verified point, never unverified state
     retention = keep the newest `keep_full_max` fulls and everything after the oldest of them
+    recover   = restore plus what the next attempt needs to go on checkpointing (`Recovery`)
 
 Delta ops, applied in order; a path is a list of object keys and list indexes:
     {"op": "set",    "path": [...], "value": v}       add or replace ([] replaces the document)
@@ -20,7 +21,8 @@ Errors:
     CoordinatorError
     ├── InvalidArgument        a record or document that breaks a rule or a bound
     │   └── BadDelta           an op that cannot apply; names the op index
-    └── FailedPrecondition     a checkpoint out of sequence for its task
+    └── FailedPrecondition     a checkpoint out of sequence for its task, or a delta where
+                               the chain's bounds call for a full one
     InvariantViolation         our own delta does not reproduce its document (a bug)
 
 Documents are decoded JSON: objects with str keys, lists, str, int, float, bool and None.
@@ -38,6 +40,7 @@ from typing import Any, NamedTuple
 from coordinator.errors import CoordinatorError, FailedPrecondition, InvalidArgument, invariant
 
 KIB = 1024
+MIB = 1024 * KIB
 DOCUMENT_KEYS = ("state_snapshot", "executed_actions", "remaining_plan")
 KINDS = ("full", "delta")
 OPS = ("set", "del", "append")
@@ -62,6 +65,12 @@ class CheckpointLimits:
     keep_full_max: int = 2  # fulls kept per task; 2 so a corrupt newest full has a fallback
     model_versions_entries_max: int = 16
     model_version_chars_max: int = 128
+    # All records the FSM holds, summed over tasks (payload bytes; a record's Python overhead is
+    # not counted). Past it a save is RESOURCE_EXHAUSTED and the previous checkpoint stays valid.
+    checkpoint_store_bytes_max: int = 256 * MIB
+    # A task's checkpoints are dropped this long after it reaches a final status; an operator
+    # re-queue within the window keeps them, so the next attempt resumes from the last one.
+    checkpoint_retention_after_final_ms: int = 10 * 60 * 1000
 
 
 class BadDelta(InvalidArgument):
@@ -103,6 +112,35 @@ class RestoreResult(NamedTuple):
 class ChainPosition(NamedTuple):
     deltas: int  # delta records after the newest full
     delta_bytes: int
+
+
+class Recovery(NamedTuple):
+    """What the next attempt of a task needs: the newest verified document, split into its
+    parts, and where to continue the chain. Fields are None when no checkpoint verifies."""
+
+    restored: RestoreResult
+    state_snapshot: dict[str, Any] | None
+    executed_actions: list[Any] | None
+    remaining_plan: list[Any] | None
+    model_versions: dict[str, str]  # recorded with the restored sequence ({} when none)
+    sequence_number: int  # the restored (last verified) sequence; 0 when none
+    last_sequence: int  # the newest sequence the task saved: the next checkpoint is last_sequence + 1
+    chain: ChainPosition  # of the held records: chain_deltas_so_far / chain_bytes_so_far for make_checkpoint
+    problem: str | None  # why the restore stopped short of last_sequence, if it did
+
+    @property
+    def base_document(self) -> dict[str, Any] | None:
+        """`prev_document` for the next `make_checkpoint`: the restored document when it is the
+        newest saved one; None when the restore fell back, so the next checkpoint is a full one
+        (a delta over a document the chain does not reproduce would be wrong)."""
+        if self.restored.document is not None and self.sequence_number == self.last_sequence:
+            return self.restored.document
+        return None
+
+
+def checkpoint_id(task_id: str, sequence_number: int) -> str:
+    """Derived, never drawn: every replica names a record alike."""
+    return f"{task_id}:{sequence_number}"
 
 
 # --- canonical encoding -------------------------------------------------------------------
@@ -308,35 +346,74 @@ def make_checkpoint(prev_document: dict[str, Any] | None, prev_sequence: int, ne
     )
 
 
-def validate_new(existing_last: CheckpointRecord | None, record: CheckpointRecord,
-                 limits: CheckpointLimits) -> CoordinatorError | None:
-    """None when `record` may follow `existing_last` (None: the task has no checkpoint yet);
-    else the error to return to the client. The previous checkpoint stays valid either way."""
+def validate_new(existing_last: CheckpointRecord | None, record: CheckpointRecord, limits: CheckpointLimits, *,
+                 chain: ChainPosition | None = None, last_sequence: int | None = None) -> CoordinatorError | None:
+    """None when `record` may follow `existing_last` (None: the task holds no checkpoint); else
+    the error to return to the client. The previous checkpoint stays valid either way.
+
+    chain: the position of the held records (`chain_position`); when given, a delta past
+    `full_every` deltas or `delta_chain_bytes_max` bytes is refused, which is what keeps
+    retention's bound. last_sequence: the newest sequence the task ever saved, when retention
+    may have dropped it (defaults to existing_last's)."""
     try:
-        _validate_new(existing_last, record, limits)
+        _validate_new(existing_last, record, limits, chain, last_sequence)
     except CoordinatorError as exc:
         return exc
     return None
 
 
-def _validate_new(existing_last: CheckpointRecord | None, record: CheckpointRecord, limits: CheckpointLimits) -> None:
+def _validate_new(existing_last: CheckpointRecord | None, record: CheckpointRecord, limits: CheckpointLimits,
+                  chain: ChainPosition | None, last_sequence: int | None) -> None:
     if existing_last is not None:
         invariant(existing_last.task_id == record.task_id, f"checkpoint of {record.task_id} validated against {existing_last.task_id}")
-    expected = existing_last.sequence_number + 1 if existing_last is not None else 1
+    if last_sequence is None:
+        last_sequence = existing_last.sequence_number if existing_last is not None else 0
+    invariant(existing_last is None or existing_last.sequence_number <= last_sequence,
+              f"task {record.task_id}: held sequence {existing_last and existing_last.sequence_number} > last {last_sequence}")
+    _check_sequence_type(record)
+    expected = last_sequence + 1
     if record.sequence_number != expected:
         raise FailedPrecondition(f"checkpoint.sequence_number: task {record.task_id} expects {expected}, got {record.sequence_number}")
-    encoded_bytes = len(canonical_bytes(record.payload))
+    check_record(record, limits)
+    if record.kind == "delta":
+        if existing_last is None or existing_last.sequence_number != record.base_sequence:
+            raise InvalidArgument(f"checkpoint.base_sequence: a delta applies on a held checkpoint {record.base_sequence}, "
+                                  f"but task {record.task_id} holds {'none' if existing_last is None else existing_last.sequence_number}; "
+                                  "send a full checkpoint")
+        if chain is not None and chain.deltas + 1 > limits.full_every:
+            raise FailedPrecondition(f"checkpoint.kind: at most full_every={limits.full_every} deltas after a full; "
+                                     "send a full checkpoint")
+        if chain is not None and chain.delta_bytes + record.payload_bytes > limits.delta_chain_bytes_max:
+            raise FailedPrecondition(f"checkpoint.kind: the deltas after a full hold at most delta_chain_bytes_max="
+                                     f"{limits.delta_chain_bytes_max} bytes, this one would make "
+                                     f"{chain.delta_bytes + record.payload_bytes}; send a full checkpoint")
+
+
+def _check_sequence_type(record: CheckpointRecord) -> None:
+    if type(record.task_id) is not str or not record.task_id:
+        raise InvalidArgument("checkpoint.task_id: a non-empty string")
+    if type(record.sequence_number) is not int or record.sequence_number < 1:
+        raise InvalidArgument(f"checkpoint.sequence_number: an integer >= 1, got {record.sequence_number!r}")
+
+
+def check_record(record: CheckpointRecord, limits: CheckpointLimits) -> None:
+    """The checks that need no state: bounds, shape, kind and base, checksum format. Raises
+    InvalidArgument (or BadDelta) naming the field and the limit. The proposer runs these before
+    proposing; `validate_new` runs them again in apply, with the checks that need the chain."""
+    _check_sequence_type(record)
+    encoded = canonical_bytes(record.payload)
+    encoded_bytes = len(encoded)
     if encoded_bytes > limits.checkpoint_bytes_max:
         raise InvalidArgument(f"checkpoint.payload: at most checkpoint_bytes_max={limits.checkpoint_bytes_max} bytes, got {encoded_bytes}")
-    if record.payload_bytes != encoded_bytes:
-        raise InvalidArgument(f"checkpoint.payload_bytes: declared {record.payload_bytes}, the payload encodes to {encoded_bytes}")
+    if record.payload_bytes != encoded_bytes or type(record.payload_bytes) is not int:
+        raise InvalidArgument(f"checkpoint.payload_bytes: declared {record.payload_bytes!r}, the payload encodes to {encoded_bytes}")
     if record.kind == "full":
         if record.base_sequence is not None:
             raise InvalidArgument(f"checkpoint.base_sequence: a full checkpoint has none, got {record.base_sequence}")
         _check_document(record.payload, "checkpoint.payload")
     elif record.kind == "delta":
-        if existing_last is None or record.base_sequence != record.sequence_number - 1:
-            raise InvalidArgument(f"checkpoint.base_sequence: a delta applies on {record.sequence_number - 1}, got {record.base_sequence}")
+        if type(record.base_sequence) is not int or record.base_sequence != record.sequence_number - 1:
+            raise InvalidArgument(f"checkpoint.base_sequence: a delta applies on {record.sequence_number - 1}, got {record.base_sequence!r}")
         if type(record.payload) is not list:
             raise InvalidArgument("checkpoint.payload: a delta is a list of ops")
         for index, op in enumerate(record.payload):
@@ -345,14 +422,19 @@ def _validate_new(existing_last: CheckpointRecord | None, record: CheckpointReco
         raise InvalidArgument(f"checkpoint.kind: one of {', '.join(KINDS)}, got {record.kind!r}")
     if type(record.checksum) is not str or not _CHECKSUM_RE.match(record.checksum):
         raise InvalidArgument("checkpoint.checksum: 64 lowercase hex digits of sha256")
+    if record.kind == "full" and hashlib.sha256(encoded).hexdigest() != record.checksum:
+        # Verify on write what can be verified cheaply; a delta's result is verified at restore.
+        raise InvalidArgument("checkpoint.checksum: not the sha256 of the full payload's canonical encoding")
     if type(record.timestamp_ms) is not int or record.timestamp_ms < 0:
         raise InvalidArgument(f"checkpoint.timestamp_ms: a non-negative integer, got {record.timestamp_ms!r}")
     versions = record.model_versions
     if type(versions) is not dict or len(versions) > limits.model_versions_entries_max:
         raise InvalidArgument(f"checkpoint.model_versions: an object of at most model_versions_entries_max={limits.model_versions_entries_max} entries")
     for name, version in versions.items():
-        if type(version) is not str or len(version) > limits.model_version_chars_max:
-            raise InvalidArgument(f"checkpoint.model_versions[{name!r}]: a string of at most model_version_chars_max={limits.model_version_chars_max} chars")
+        if type(name) is not str or type(version) is not str or len(name) > limits.model_version_chars_max \
+                or len(version) > limits.model_version_chars_max:
+            raise InvalidArgument(f"checkpoint.model_versions[{str(name)[:80]!r}]: names and versions are strings of at most "
+                                  f"model_version_chars_max={limits.model_version_chars_max} chars")
 
 
 # --- restore and retention -----------------------------------------------------------------
@@ -417,3 +499,32 @@ def retention(records: Iterable[CheckpointRecord], *, keep_full_max: int) -> lis
         return []
     oldest_kept = fulls[-keep_full_max]
     return sorted(r.sequence_number for r in records if r.sequence_number < oldest_kept)
+
+
+def recover(records: Iterable[CheckpointRecord], *, last_sequence: int | None = None) -> Recovery:
+    """`restore` plus what the next attempt needs. last_sequence: the newest sequence the task
+    saved, when retention may have dropped it (defaults to the newest held)."""
+    records = sorted(records, key=lambda r: r.sequence_number)
+    held_last = records[-1].sequence_number if records else 0
+    if last_sequence is None:
+        last_sequence = held_last
+    invariant(last_sequence >= held_last, f"last_sequence {last_sequence} < newest held checkpoint {held_last}")
+    restored = restore(records)
+    problem = restored.problem
+    if not records and last_sequence:
+        problem = f"no checkpoint held: all up to {last_sequence} were dropped by retention"
+    document = restored.document
+    versions: dict[str, str] = {}
+    if document is not None:
+        versions = dict(next(r.model_versions for r in records if r.sequence_number == restored.sequence_number))
+    return Recovery(
+        restored=restored,
+        state_snapshot=document["state_snapshot"] if document is not None else None,
+        executed_actions=document["executed_actions"] if document is not None else None,
+        remaining_plan=document["remaining_plan"] if document is not None else None,
+        model_versions=versions,
+        sequence_number=restored.sequence_number,
+        last_sequence=last_sequence,
+        chain=chain_position(records),
+        problem=problem,
+    )

@@ -39,7 +39,21 @@ class CommandType(IntEnum):
     REQUEUE_TASK = 11  # an operator re-queues a dead-lettered or failed task
     MARK_UNSCHEDULABLE = 12  # the scheduler found no executor that can ever run these tasks
     CANCEL_DAG = 13  # cancel every task of one DAG submission that has not finished
+    SAVE_CHECKPOINT = 14  # the lease holder of a task saves a full or delta checkpoint (fenced)
 
+
+# Keys of the "cp" object of SAVE_CHECKPOINT: CheckpointRecord's fields but task_id (the
+# command's "id"). Named, not positional: one checkpoint per command, and its payload dominates.
+CHECKPOINT_FIELDS = (
+    "sequence_number",
+    "kind",  # "full" | "delta"
+    "base_sequence",  # null for a full
+    "payload",  # full: the document; delta: a list of ops
+    "checksum",  # sha256 of the canonical resulting document
+    "timestamp_ms",
+    "payload_bytes",
+    "model_versions",
+)
 
 # Field order of one task spec in SUBMIT_TASKS. Append only.
 TASK_FIELDS = (
@@ -156,3 +170,10 @@ def mark_unschedulable(now_ms: int, items: list[list[str]]) -> dict[str, Any]:
 
 def cancel_dag(now_ms: int, dag_id: str, reason: str) -> dict[str, Any]:
     return {"t": CommandType.CANCEL_DAG, "now": now_ms, "dag": dag_id, "reason": reason}
+
+
+def save_checkpoint(now_ms: int, task_id: str, attempt: int, executor_id: str, record: dict[str, Any]) -> dict[str, Any]:
+    """record: the CHECKPOINT_FIELDS of a CheckpointRecord. Fenced like START/COMPLETE by
+    ("id", "attempt", "ex"); `now` also drives the expiry of ended tasks' checkpoints."""
+    return {"t": CommandType.SAVE_CHECKPOINT, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
+            "cp": record}

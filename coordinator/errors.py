@@ -4,6 +4,8 @@
     ├── InvalidArgument      bad input; the message names the field and the limit
     ├── NotFound             an id that the state does not hold
     ├── FailedPrecondition   the state forbids it now (e.g. cancelling a completed task)
+    │   └── StaleFencingToken  an executor report for an attempt that no longer holds the lease
+    ├── ResourceExhausted    a bound on replicated state is reached; the message names it
     ├── Compacted            an event cursor older than the retained ring
     └── UnknownCommand       a log entry this code cannot apply (fails loudly)
     InvariantViolation       a bug: internal consistency broken (never caught)
@@ -34,6 +36,15 @@ class FailedPrecondition(CoordinatorError):
     code = "FAILED_PRECONDITION"
 
 
+class StaleFencingToken(FailedPrecondition):
+    """Carries the FAILED_PRECONDITION code; `apply` reports it as a result whose message starts
+    with "StaleFencingToken:" (see `error_from_result`)."""
+
+
+class ResourceExhausted(CoordinatorError):
+    code = "RESOURCE_EXHAUSTED"
+
+
 class Compacted(CoordinatorError):
     code = "OUT_OF_RANGE"
 
@@ -43,8 +54,15 @@ class UnknownCommand(CoordinatorError):
 
 
 ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, Compacted)
+    cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Compacted)
 }
+
+
+def error_from_result(code: str, message: str) -> CoordinatorError:
+    """The typed error for a failed ApplyResult: the one place result codes become exceptions."""
+    if message.startswith("StaleFencingToken:"):
+        return StaleFencingToken(message)
+    return ERRORS_BY_CODE.get(code, CoordinatorError)(message)
 
 
 class InvariantViolation(AssertionError):

@@ -13,6 +13,15 @@ Records are immutable once stored: an update replaces the record. That lets `sna
 take a consistent view in O(n) reference copies on the apply thread while the (slow) encoding
 runs elsewhere.
 
+Checkpoints (DESIGN.md §7) are kept per task as an ordered chain of immutable CheckpointRecords:
+
+    SAVE_CHECKPOINT ─► fenced (lease holder only) ─► validate_new (sequence, bounds, chain)
+                    ─► store bound (checkpoint_store_bytes_max) ─► append ─► retention
+    task reaches a final status ─► (final_at_ms, task_id) on a heap ─► every command carrying
+                    `now` drops the chains of tasks final for checkpoint_retention_after_final_ms
+
+A chain list is never mutated in place (a save replaces it), so a snapshot view can share it.
+
 Expected failures (bad dependency, cancelling a finished task, ...) are *results*, not
 exceptions, and leave the state untouched: a command is validated completely before anything
 is written. Only an unknown command type raises, because a node that cannot apply the log must
@@ -22,21 +31,35 @@ stop rather than diverge.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
+from coordinator.checkpoints import (
+    ChainPosition,
+    CheckpointRecord,
+    Recovery,
+    canonical_json,
+    chain_position,
+    checkpoint_id,
+    recover,
+    retention,
+    validate_new,
+)
 from coordinator.commands import CommandType, decode_entry
 from coordinator.dag import find_cycle
-from coordinator.errors import Compacted, UnknownCommand, invariant
+from coordinator.errors import Compacted, CoordinatorError, UnknownCommand, invariant
 from coordinator.limits import StateLimits
 
 SNAPSHOT_FORMAT = 1
 # Bumped whenever the encoded state of the same log intentionally changes (new fields, new
 # events), so recorded logs of an older version are checked by their semantic digest instead.
-FSM_STATE_VERSION = 3
+# 4: checkpoints (a "checkpoints" snapshot section, TaskRecord.checkpoint_sequence, events).
+FSM_STATE_VERSION = 4
 SNAPSHOT_ROWS_PER_CHUNK = 1000
+SNAPSHOT_CHECKPOINT_ROWS_PER_CHUNK = 16  # a record holds up to checkpoint_bytes_max of payload
 
 FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "dead_letter"})
 LEASED_STATUSES = frozenset({"assigned", "executing"})
@@ -75,6 +98,9 @@ class TaskRecord(NamedTuple):
     history: tuple = ()  # ((attempt, executor_id, outcome, error, started_ms, ended_ms), ...)
     dag_id: str = ""  # the DAG submission it belongs to ("" for a single task)
     parent_id: str = ""  # the running task that delegated it ("" if submitted by a client)
+    # The newest checkpoint sequence the task saved (0 = none). Kept after retention drops the
+    # records, so sequence numbers keep increasing for the life of the task.
+    checkpoint_sequence: int = 0
 
     def row(self) -> list[Any]:
         return list(self)
@@ -130,14 +156,16 @@ Event = tuple[int, int, str, str, str, int, str]
 class SnapshotView:
     """A consistent, frozen view of the state for encoding off the apply thread."""
 
-    __slots__ = ("header", "tasks", "executors", "idempotency", "events")
+    __slots__ = ("header", "tasks", "executors", "idempotency", "events", "checkpoints")
 
-    def __init__(self, header: dict[str, Any], tasks: list, executors: list, idempotency: list, events: list) -> None:
+    def __init__(self, header: dict[str, Any], tasks: list, executors: list, idempotency: list, events: list,
+                 checkpoints: list | None = None) -> None:
         self.header = header
         self.tasks = tasks
         self.executors = executors
         self.idempotency = idempotency
         self.events = events
+        self.checkpoints = checkpoints or []  # CheckpointRecords, grouped by task, oldest first
 
 
 class CoordinatorFSM:
@@ -161,6 +189,14 @@ class CoordinatorFSM:
         self.executor_tasks: dict[str, dict[str, None]] = {}
         self.dag_tasks: dict[str, list[str]] = {}
         self.children: dict[str, list[str]] = {}
+        # Checkpoint chains per task, oldest first (snapshotted). Derived: the payload bytes they
+        # hold, and when each ended task that still holds some became final, on a heap of
+        # (final_at_ms, task_id) for expiry; an entry whose time no longer matches _final_at
+        # (the task was re-queued since) is stale and skipped.
+        self._checkpoints: dict[str, list[CheckpointRecord]] = {}
+        self.checkpoint_bytes = 0
+        self._final_at: dict[str, int] = {}
+        self._expiry: list[tuple[int, str]] = []
 
     # ------------------------------------------------------------------ apply
     def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
@@ -172,10 +208,14 @@ class CoordinatorFSM:
         self.last_applied_index = index
         kind = command.get("t")
         handler = self._HANDLERS.get(kind)
-        if handler is None:
-            if command.get("ign"):
-                return ApplyResult(True, None)
+        if handler is None and not command.get("ign"):
             raise UnknownCommand(f"command type {kind!r} at index {index} is unknown to this node")
+        if self._expiry:  # any command carrying `now`, ignorable ones too, so versions agree
+            now_ms = command.get("now")
+            if type(now_ms) is int and self._expiry[0][0] + self.limits.checkpoints.checkpoint_retention_after_final_ms <= now_ms:
+                self._expire_checkpoints(index, now_ms)
+        if handler is None:
+            return ApplyResult(True, None)
         return handler(self, index, command)
 
     def _apply_noop(self, index: int, command: dict[str, Any]) -> ApplyResult:
@@ -539,6 +579,86 @@ class CoordinatorFSM:
                 self._fail_dependents(index, task_id, now_ms)
         return requeued
 
+    # ------------------------------------------------------------------ checkpoints
+    def _apply_save_checkpoint(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """Only the current lease holder may checkpoint; the record is validated against the
+        task's chain and the store's bound before anything is written, so a rejected save
+        leaves the previous checkpoint valid. A retry of the newest record is a duplicate."""
+        task, error = self._fenced(command)
+        if error is not None:
+            return error
+        limits = self.limits.checkpoints
+        fields = command.get("cp")
+        if type(fields) is not dict:
+            return ApplyResult.error("INVALID_ARGUMENT", "checkpoint: an object of the record's fields is required")
+        try:
+            record = CheckpointRecord.from_dict({**fields, "task_id": task.id})
+        except CoordinatorError as exc:
+            return ApplyResult.error(exc.code, exc.message)
+        chain = self._checkpoints.get(task.id, [])
+        last = chain[-1] if chain else None
+        if last is not None and _same_record(last, record):
+            return ApplyResult(True, {"id": checkpoint_id(task.id, last.sequence_number),
+                                      "sequence_number": last.sequence_number, "index": index, "duplicate": True})
+        position = chain_position(chain) if chain else ChainPosition(0, 0)
+        problem = validate_new(last, record, limits, chain=position, last_sequence=task.checkpoint_sequence)
+        if problem is not None:
+            return ApplyResult.error(problem.code, problem.message)
+        candidate = [*chain, record]
+        dropped = retention(candidate, keep_full_max=limits.keep_full_max)  # a prefix: the chain is ordered
+        kept = candidate[len(dropped):]
+        invariant(not dropped or candidate[len(dropped) - 1].sequence_number == dropped[-1],
+                  f"task {task.id}: retention dropped a record that is not a prefix of the chain")
+        held_bytes = self.checkpoint_bytes + record.payload_bytes - sum(r.payload_bytes for r in candidate[:len(dropped)])
+        if held_bytes > limits.checkpoint_store_bytes_max:
+            return ApplyResult.error(
+                "RESOURCE_EXHAUSTED",
+                f"checkpoint: the coordinator holds at most checkpoint_store_bytes_max={limits.checkpoint_store_bytes_max} "
+                f"bytes of checkpoints; {self.checkpoint_bytes} are held and this one ({record.payload_bytes} bytes) would "
+                f"make {held_bytes}; the previous checkpoint stays valid",
+            )
+        # Validated: from here on nothing can fail.
+        now_ms = command["now"]
+        self._checkpoints[task.id] = kept
+        self.checkpoint_bytes = held_bytes
+        self.tasks[task.id] = task.replace(checkpoint_sequence=record.sequence_number)
+        self._events.append(self._event(index, "CheckpointSaved", task.id, task.assigned_executor or "", now_ms,
+                                        _encoder.encode({"attempt": task.attempt, "sequence_number": record.sequence_number,
+                                                         "kind": record.kind, "payload_bytes": record.payload_bytes})))
+        self._trim_events()
+        return ApplyResult(True, {"id": checkpoint_id(task.id, record.sequence_number),
+                                  "sequence_number": record.sequence_number, "index": index, "duplicate": False})
+
+    def _expire_checkpoints(self, index: int, now_ms: int) -> None:
+        """Drops the chains of tasks final for checkpoint_retention_after_final_ms. The work is
+        amortized: each entry is pushed once, when its task becomes final."""
+        window_ms = self.limits.checkpoints.checkpoint_retention_after_final_ms
+        expiry = self._expiry
+        while expiry and expiry[0][0] + window_ms <= now_ms:
+            final_at_ms, task_id = heapq.heappop(expiry)
+            if self._final_at.get(task_id) != final_at_ms:
+                continue  # re-queued since it ended (and maybe ended again later): not yet due
+            del self._final_at[task_id]
+            chain = self._checkpoints.pop(task_id)
+            invariant(self.tasks[task_id].status in FINAL_STATUSES, f"expiring checkpoints of {task_id}, which is not final")
+            self.checkpoint_bytes -= sum(r.payload_bytes for r in chain)
+            self._events.append(self._event(index, "CheckpointsExpired", task_id, "", now_ms, _encoder.encode(
+                {"sequence_number": chain[-1].sequence_number, "records": len(chain), "final_at_ms": final_at_ms})))
+        self._trim_events()
+
+    def checkpoints_of(self, task_id: str) -> list[CheckpointRecord]:
+        """The task's held checkpoints, oldest first (a copy; records are immutable)."""
+        return list(self._checkpoints.get(task_id, ()))
+
+    def recover_task(self, task_id: str) -> Recovery:
+        """What the next attempt of `task_id` resumes from (see checkpoints.recover). Raises
+        nothing for an unknown task: it simply holds no checkpoint."""
+        # The chain first, then the task: read without the apply lock, a save landing in between
+        # makes last_sequence newer than the chain, never older (the recovery then asks for a full).
+        chain = self._checkpoints.get(task_id, ())
+        task = self.tasks.get(task_id)
+        return recover(chain, last_sequence=task.checkpoint_sequence if task else None)
+
     _HANDLERS = {
         CommandType.NOOP: _apply_noop,
         CommandType.SUBMIT_TASKS: _apply_submit_tasks,
@@ -553,6 +673,7 @@ class CoordinatorFSM:
         CommandType.REQUEUE_TASK: _apply_requeue_task,
         CommandType.MARK_UNSCHEDULABLE: _apply_mark_unschedulable,
         CommandType.CANCEL_DAG: _apply_cancel_dag,
+        CommandType.SAVE_CHECKPOINT: _apply_save_checkpoint,
     }
 
     # ------------------------------------------------------------------ helpers
@@ -561,6 +682,14 @@ class CoordinatorFSM:
         counts[record.status] -= 1
         counts[status] = counts.get(status, 0) + 1
         self.tasks[record.id] = record.replace(status=status, updated_at_ms=now_ms, **changes)
+        if record.id in self._checkpoints:
+            # A final task's updated_at_ms stays the time it became final (nothing updates a final
+            # task), which is how restore rebuilds _final_at.
+            if status in FINAL_STATUSES and record.status not in FINAL_STATUSES:
+                self._final_at[record.id] = now_ms
+                heapq.heappush(self._expiry, (now_ms, record.id))
+            elif record.status in FINAL_STATUSES and status not in FINAL_STATUSES:
+                self._final_at.pop(record.id, None)  # re-queued: its checkpoints stay
 
     def _release_if_ready(self, index: int, record: TaskRecord, now_ms: int) -> None:
         if record.status != "pending" or record.id in self.ready:
@@ -667,6 +796,7 @@ class CoordinatorFSM:
             list(self.executors.values()),
             [(key, index, list(ids)) for key, (index, ids) in self._idempotency.items()],
             list(self._events),
+            [record for chain in self._checkpoints.values() for record in chain],
         )
 
     @staticmethod
@@ -679,13 +809,15 @@ class CoordinatorFSM:
             ("executors", (record.row() for record in view.executors), len(view.executors)),
             ("idempotency", iter(view.idempotency), len(view.idempotency)),
             ("events", iter(view.events), len(view.events)),
+            ("checkpoints", (_checkpoint_row(record) for record in view.checkpoints), len(view.checkpoints)),
         )
         for name, rows, count in sections:
             yield _encoder.encode({"section": name, "count": count}).encode()
+            rows_per_chunk = SNAPSHOT_CHECKPOINT_ROWS_PER_CHUNK if name == "checkpoints" else SNAPSHOT_ROWS_PER_CHUNK
             batch: list[Any] = []
             for row in rows:
                 batch.append(row)
-                if len(batch) == SNAPSHOT_ROWS_PER_CHUNK:
+                if len(batch) == rows_per_chunk:
                     yield _encoder.encode(batch).encode()
                     batch = []
             if batch:
@@ -708,6 +840,7 @@ class CoordinatorFSM:
         executors: dict[str, ExecutorRecord] = {}
         idempotency: OrderedDict[str, tuple[int, tuple[str, ...]]] = OrderedDict()
         events: deque[Event] = deque()
+        checkpoints: dict[str, list[CheckpointRecord]] = {}  # absent before FSM_STATE_VERSION 4
         section, remaining = None, 0
         for chunk in it:
             item = decode(chunk.decode())
@@ -731,6 +864,9 @@ class CoordinatorFSM:
                     idempotency[key] = (index, tuple(ids))
             elif section == "events":
                 events.extend(tuple(row) for row in item)
+            elif section == "checkpoints":
+                for row in item:
+                    checkpoints.setdefault(row[0], []).append(CheckpointRecord(*row))
             else:
                 raise UnknownCommand(f"snapshot section {section!r} is unknown to this node")
         invariant(remaining == 0, f"snapshot section {section} is short by {remaining} rows")
@@ -738,6 +874,7 @@ class CoordinatorFSM:
         for record in tasks.values():
             counts[record.status] = counts.get(record.status, 0) + 1
         self.tasks, self.executors, self._idempotency, self._events = tasks, executors, idempotency, events
+        self._checkpoints = checkpoints
         self.status_counts = counts
         self._rebuild_indexes()
         self.last_applied_index = header["last_applied_index"]
@@ -760,6 +897,18 @@ class CoordinatorFSM:
                 self.ready[record.id] = None
             elif record.status in LEASED_STATUSES:
                 self.executor_tasks.setdefault(record.assigned_executor, {})[record.id] = None
+        self.checkpoint_bytes, self._final_at, self._expiry = 0, {}, []
+        for task_id, chain in self._checkpoints.items():
+            invariant(chain and all(a.sequence_number < b.sequence_number for a, b in zip(chain, chain[1:])),
+                      f"snapshot: checkpoints of {task_id} are empty or out of order")
+            record = tasks[task_id]
+            invariant(record.checkpoint_sequence == chain[-1].sequence_number,
+                      f"snapshot: task {task_id} saved checkpoint {record.checkpoint_sequence}, holds {chain[-1].sequence_number}")
+            self.checkpoint_bytes += sum(r.payload_bytes for r in chain)
+            if record.status in FINAL_STATUSES:
+                self._final_at[task_id] = record.updated_at_ms
+                self._expiry.append((record.updated_at_ms, task_id))
+        heapq.heapify(self._expiry)
 
     def semantic_digest(self) -> str:
         """A digest of what a user sees of each task — stable across FSM_STATE_VERSIONs."""
@@ -767,6 +916,9 @@ class CoordinatorFSM:
         for record in self.tasks.values():
             digest.update(_encoder.encode([record.id, record.type, record.status, record.priority,
                                            list(record.dependencies), record.created_index]).encode())
+        for task_id in sorted(self._checkpoints):  # nothing added while none is held: old digests hold
+            for cp in self._checkpoints[task_id]:
+                digest.update(_encoder.encode([task_id, cp.sequence_number, cp.kind, cp.checksum]).encode())
         return digest.hexdigest()
 
     def state_hash(self) -> str:
@@ -775,3 +927,23 @@ class CoordinatorFSM:
             digest.update(chunk)
             digest.update(b"\n")
         return digest.hexdigest()
+
+
+def _checkpoint_row(record: CheckpointRecord) -> list[Any]:
+    return [record.task_id, record.sequence_number, record.kind, record.base_sequence, record.payload,
+            record.checksum, record.timestamp_ms, record.payload_bytes, record.model_versions]
+
+
+def _same_record(held: CheckpointRecord, new: CheckpointRecord) -> bool:
+    """A client's retry of a record already saved (its timestamp may be stamped anew)."""
+    return (held.sequence_number == new.sequence_number and held.kind == new.kind
+            and held.base_sequence == new.base_sequence and held.checksum == new.checksum
+            and held.payload_bytes == new.payload_bytes and held.model_versions == new.model_versions
+            and _canonical_or_none(held.payload) == _canonical_or_none(new.payload))
+
+
+def _canonical_or_none(value: Any) -> str | None:
+    try:
+        return canonical_json(value)
+    except CoordinatorError:
+        return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from coordinator.checkpoints import CheckpointLimits
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -37,3 +39,4 @@ class StateLimits:
 
     events_retained_max: int = 100_000
     idempotency_keys_max: int = 100_000
+    checkpoints: CheckpointLimits = CheckpointLimits()  # per record, per chain, the whole store, retention

@@ -3,10 +3,12 @@ in-memory fake beside the real implementation."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from coordinator.model import Checkpoint, DomainEvent, Executor, KnowledgeEntry, Task
+from coordinator.checkpoints import CheckpointRecord, Recovery
+from coordinator.fsm import ApplyResult
+from coordinator.model import DomainEvent, Executor, KnowledgeEntry, Task
 
 
 class TaskScheduler(Protocol):
@@ -23,10 +25,29 @@ class ExecutorRegistry(Protocol):
     async def list(self) -> list[Executor]: ...
 
 
-class CheckpointStore(Protocol):
-    async def create_checkpoint(self, checkpoint: Checkpoint) -> Checkpoint: ...
+class CommandLog(Protocol):
+    """The replicated log as the shells see it (cluster.proposer.Proposer is the real one)."""
 
-    async def restore_from_checkpoint(self, task_id: str, sequence_number: int | None = None) -> Checkpoint: ...
+    async def propose(self, command: dict[str, Any], timeout_s: float | None = None) -> ApplyResult:
+        """Returns once the command is committed by a majority, durable and applied on this
+        node; raises when the outcome is unknown (the caller retries)."""
+        ...
+
+
+class CheckpointState(Protocol):
+    """Reads of the applied checkpoint state (CoordinatorFSM, or a view taking its lock)."""
+
+    def checkpoints_of(self, task_id: str) -> list[CheckpointRecord]: ...
+
+    def recover_task(self, task_id: str) -> Recovery: ...
+
+
+class CheckpointStore(Protocol):
+    async def create_checkpoint(self, request: Mapping[str, Any], *, timeout_s: float | None = None) -> Any:
+        """Acknowledged only after the checkpoint is committed by a majority and applied."""
+        ...
+
+    async def restore_from_checkpoint(self, task_id: str, *, linearizable: bool = False) -> Recovery: ...
 
 
 class KnowledgeBase(Protocol):

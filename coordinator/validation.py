@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from coordinator import commands as cmd
+from coordinator.checkpoints import CheckpointLimits, CheckpointRecord, canonical_bytes, check_record
 from coordinator.dag import find_cycle
-from coordinator.errors import InvalidArgument
+from coordinator.errors import InvalidArgument, invariant
 from coordinator.limits import Limits
 from coordinator.model import ExecutorType
 
@@ -236,3 +238,72 @@ def build_executor_spec(executor: ExecutorInput, *, new_id: Callable[[], str], l
         "context_window_size": executor.context_window_size,
         "metadata": _check_metadata(executor.metadata, "executor.metadata", limits),
     }
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+CHECKPOINT_INPUT_REQUIRED = ("task_id", "attempt", "executor_id", "sequence_number", "kind", "checksum")
+CHECKPOINT_INPUT_OPTIONAL = ("base_sequence", "payload", "payload_json", "payload_bytes", "model_versions", "timestamp_ms")
+CHECKPOINT_ID_CHARS_MAX = 256  # task and executor ids in a checkpoint request
+# Raw payload_json may carry whitespace the canonical encoding drops; refuse to even decode
+# text longer than this many times checkpoint_bytes_max.
+CHECKPOINT_RAW_JSON_FACTOR_MAX = 2
+
+
+def build_checkpoint_command(data: Mapping[str, Any], *, now_ms: int, limits: CheckpointLimits) -> dict[str, Any]:
+    """A SAVE_CHECKPOINT command from an untrusted request (a dict from gRPC or an agent).
+
+    Keys: task_id, attempt, executor_id (the fencing triple), sequence_number, kind, checksum,
+    and base_sequence (deltas), payload (decoded JSON) or payload_json (its text), optional
+    payload_bytes (computed when absent; must agree when given), model_versions. timestamp_ms
+    is the coordinator's: `now_ms` replaces whatever the client sent. The state-free checks
+    (`check_record`) run here; `apply` repeats them and adds those that need the chain."""
+    if not isinstance(data, Mapping):
+        raise InvalidArgument("checkpoint: an object is required")
+    unknown = sorted(set(data) - set(CHECKPOINT_INPUT_REQUIRED) - set(CHECKPOINT_INPUT_OPTIONAL))
+    if unknown:
+        raise InvalidArgument(f"checkpoint: unknown fields {', '.join(map(str, unknown[:8]))}")
+    missing = [key for key in CHECKPOINT_INPUT_REQUIRED if key not in data]
+    if missing:
+        raise InvalidArgument(f"checkpoint.{missing[0]}: required")
+    for key in ("task_id", "executor_id"):
+        value = data[key]
+        if type(value) is not str or not 1 <= len(value) <= CHECKPOINT_ID_CHARS_MAX:
+            raise InvalidArgument(f"checkpoint.{key}: a string of 1..{CHECKPOINT_ID_CHARS_MAX} chars")
+    attempt = data["attempt"]
+    if type(attempt) is not int or attempt < 1:
+        raise InvalidArgument(f"checkpoint.attempt: an integer >= 1 (the attempt holding the lease), got {attempt!r}")
+    payload = _checkpoint_payload(data, limits)
+    payload_bytes = data.get("payload_bytes")
+    if payload_bytes is None:
+        payload_bytes = len(canonical_bytes(payload))
+    versions = data.get("model_versions") or {}
+    if not isinstance(versions, Mapping):
+        raise InvalidArgument("checkpoint.model_versions: an object of model names to versions")
+    record = CheckpointRecord(
+        task_id=data["task_id"], sequence_number=data["sequence_number"], kind=data["kind"],
+        base_sequence=data.get("base_sequence"), payload=payload, checksum=data["checksum"], timestamp_ms=now_ms,
+        payload_bytes=payload_bytes, model_versions=dict(versions),
+    )
+    check_record(record, limits)
+    fields = {key: value for key, value in record.as_dict().items() if key != "task_id"}
+    invariant(tuple(fields) == cmd.CHECKPOINT_FIELDS, f"CheckpointRecord fields {tuple(fields)} differ from CHECKPOINT_FIELDS")
+    return cmd.save_checkpoint(now_ms, record.task_id, attempt, data["executor_id"], fields)
+
+
+def _checkpoint_payload(data: Mapping[str, Any], limits: CheckpointLimits) -> Any:
+    has_text, has_value = "payload_json" in data, "payload" in data
+    if has_text == has_value:
+        raise InvalidArgument("checkpoint.payload: give payload or payload_json, exactly one")
+    if has_value:
+        return data["payload"]
+    text = data["payload_json"]
+    if type(text) is not str:
+        raise InvalidArgument("checkpoint.payload_json: a string of JSON")
+    raw_max = CHECKPOINT_RAW_JSON_FACTOR_MAX * limits.checkpoint_bytes_max
+    if len(text) > raw_max:
+        raise InvalidArgument(f"checkpoint.payload_json: at most {CHECKPOINT_RAW_JSON_FACTOR_MAX} * "
+                              f"checkpoint_bytes_max={raw_max} chars before canonical encoding, got {len(text)}")
+    try:
+        return _strict_json.decode(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"checkpoint.payload_json: not valid JSON ({exc})") from None

@@ -18,8 +18,11 @@ from coordinator.checkpoints import (
     apply_delta,
     canonical_json,
     chain_position,
+    check_record,
+    checkpoint_id,
     diff,
     make_checkpoint,
+    recover,
     restore,
     retention,
     state_checksum,
@@ -299,3 +302,91 @@ def test_validate_new_rejects_gaps_bad_bases_and_lies() -> None:
     bad_op = validate_new(records[-1], dataclasses.replace(third, payload=[{"op": "nope", "path": []}], payload_bytes=25), LIMITS)
     assert isinstance(bad_op, BadDelta) and bad_op.op_index == 0
     assert CheckpointRecord.from_dict(third.as_dict()) == third
+
+
+def test_validate_new_enforces_the_chain_bounds_that_keep_retention_bounded() -> None:
+    limits = dataclasses.replace(LIMITS, full_every=2)
+    docs = [{"state_snapshot": {"i": i, "notes": "n" * 200}, "executed_actions": list(range(i)), "remaining_plan": []}
+            for i in range(5)]
+    records = build(docs[:3], full_every=20)  # full, delta, delta
+    assert [r.kind for r in records] == ["full", "delta", "delta"]
+    fourth = make_checkpoint(docs[2], 3, docs[3], task_id="t", timestamp_ms=4, full_every=20,
+                             delta_chain_bytes_max=LIMITS.delta_chain_bytes_max, chain_deltas_so_far=2, chain_bytes_so_far=0)
+    assert fourth.kind == "delta"
+    assert validate_new(records[-1], fourth, limits) is None  # no chain given: not checked
+    too_long = validate_new(records[-1], fourth, limits, chain=chain_position(records))
+    assert isinstance(too_long, FailedPrecondition) and "full_every=2" in too_long.message
+    tight = dataclasses.replace(LIMITS, delta_chain_bytes_max=fourth.payload_bytes)
+    too_big = validate_new(records[-1], fourth, tight, chain=chain_position(records))
+    assert isinstance(too_big, FailedPrecondition) and f"delta_chain_bytes_max={fourth.payload_bytes}" in too_big.message
+
+
+def test_validate_new_continues_the_sequence_after_retention_dropped_everything() -> None:
+    doc = {"state_snapshot": {}, "executed_actions": [], "remaining_plan": []}
+    full = make_checkpoint(None, 7, doc, task_id="t", timestamp_ms=1, full_every=20,
+                           delta_chain_bytes_max=LIMITS.delta_chain_bytes_max, chain_deltas_so_far=0, chain_bytes_so_far=0)
+    assert full.sequence_number == 8
+    assert validate_new(None, full, LIMITS, last_sequence=7) is None
+    restart = validate_new(None, dataclasses.replace(full, sequence_number=1), LIMITS, last_sequence=7)
+    assert isinstance(restart, FailedPrecondition) and "expects 8, got 1" in restart.message
+    delta = validate_new(None, dataclasses.replace(full, kind="delta", base_sequence=7, payload=[], payload_bytes=2),
+                         LIMITS, last_sequence=7)
+    assert isinstance(delta, InvalidArgument) and "send a full checkpoint" in delta.message
+
+
+def test_check_record_rejects_wrong_types_naming_the_field() -> None:
+    doc = {"state_snapshot": {}, "executed_actions": [], "remaining_plan": []}
+    record = make_checkpoint(None, 0, doc, task_id="t", timestamp_ms=1, full_every=20,
+                             delta_chain_bytes_max=LIMITS.delta_chain_bytes_max, chain_deltas_so_far=0, chain_bytes_so_far=0)
+    check_record(record, LIMITS)
+    for change, field_name in [({"sequence_number": True}, "sequence_number"), ({"sequence_number": 0}, "sequence_number"),
+                               ({"task_id": ""}, "task_id"), ({"checksum": "ABC"}, "checksum"),
+                               ({"timestamp_ms": -1}, "timestamp_ms"), ({"model_versions": {"m": 3}}, "model_versions"),
+                               ({"kind": "diff"}, "kind")]:
+        with pytest.raises(InvalidArgument, match=f"checkpoint.{field_name}"):
+            check_record(dataclasses.replace(record, **change), LIMITS)
+
+
+@HISTORIES
+@given(histories(), st.integers(0, 12), st.integers(0, 3))
+def test_recover_gives_the_next_attempt_the_last_document_or_asks_for_a_full(docs, damaged_from_end, extra) -> None:
+    records = build(docs)
+    last = records[-1].sequence_number
+    whole = recover(records)
+    assert same(whole.restored.document, docs[-1]) and whole.base_document is whole.restored.document
+    assert (whole.sequence_number, whole.last_sequence, whole.problem) == (last, last, None)
+    assert same([whole.state_snapshot, whole.executed_actions, whole.remaining_plan],
+                [docs[-1][k] for k in ("state_snapshot", "executed_actions", "remaining_plan")])
+    assert whole.chain == chain_position(records)
+    # Damage one record: the restore stops at the last verified point and the next save must be full.
+    position = max(0, len(records) - 1 - damaged_from_end)
+    bad = dataclasses.replace(records[position], checksum="0" * 64)
+    damaged = recover(records[:position] + [bad] + records[position + 1:])
+    if any(r.kind == "full" for r in records[position + 1:]):  # a newer full supersedes the damage
+        assert damaged.sequence_number == last and damaged.base_document is not None
+        return
+    assert damaged.last_sequence == last and damaged.problem
+    assert damaged.sequence_number < bad.sequence_number
+    if damaged.restored.document is not None:
+        assert same(damaged.restored.document, docs[damaged.sequence_number - 1])
+    assert damaged.base_document is None
+    # Retention dropped everything (task ended, re-queued later): nothing to resume, sequence goes on.
+    gone = recover([], last_sequence=last + extra)
+    assert gone.base_document is None and gone.last_sequence == last + extra
+    assert (gone.problem is None) == (last + extra == 0)
+
+
+def test_recover_reports_the_model_versions_of_the_restored_sequence() -> None:
+    docs = [{"state_snapshot": {"i": i}, "executed_actions": [{"id": i}], "remaining_plan": []} for i in range(3)]
+    records, prev = [], None
+    for sequence, doc in enumerate(docs, start=1):
+        records.append(make_checkpoint(prev, sequence - 1, doc, task_id="t", timestamp_ms=sequence, full_every=20,
+                                       delta_chain_bytes_max=LIMITS.delta_chain_bytes_max,
+                                       chain_deltas_so_far=sequence - 1, chain_bytes_so_far=0,
+                                       model_versions={"planner": f"v{sequence}"}))
+        prev = doc
+    assert recover(records).model_versions == {"planner": "v3"}
+    records[2] = dataclasses.replace(records[2], checksum="f" * 64)
+    fallen = recover(records)
+    assert fallen.sequence_number == 2 and fallen.model_versions == {"planner": "v2"} and "checkpoint 3" in fallen.problem
+    assert checkpoint_id("t", 3) == "t:3"

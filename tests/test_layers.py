@@ -1,5 +1,6 @@
 """Dependencies point inward: coordinator/ imports only the standard library and pydantic,
-wal/ never imports pysyncobj or our outer packages, and nothing imports cluster/ (the
+wal/ never imports pysyncobj or our outer packages (it may import the core: the checkpoint
+store is an adapter over coordinator/'s ports), and nothing imports cluster/ (the
 composition root) except cluster/ itself, tests and benchmarks."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 OURS = {"proto", "coordinator", "scheduler", "executors", "wal", "knowledge", "security", "finetune", "cluster"}
 ALLOWED = {
     "coordinator": {"coordinator"} | {"pydantic"},
-    "wal": {"wal", "lmdb"},
+    "wal": {"wal", "lmdb", "coordinator"},
     "scheduler": {"scheduler", "coordinator"},
     "executors": {"executors", "coordinator", "pydantic"},
 }

@@ -10,6 +10,7 @@ import pathlib
 import random
 
 from coordinator import commands as cmd
+from coordinator.checkpoints import make_checkpoint
 from coordinator.commands import encode_entry
 from coordinator.fsm import FSM_STATE_VERSION, CoordinatorFSM
 
@@ -23,7 +24,9 @@ def main() -> None:
     ids: list[str] = []
     dags: list[str] = []
     for index in range(2, 202):
-        now = 1_795_000_000_000 + index * 17
+        # From version 4 on, time jumps past checkpoint_retention_after_final_ms once, so the
+        # checkpoints of tasks that ended early are dropped.
+        now = 1_795_000_000_000 + index * 17 + (20 * 60_000 if index >= 150 else 0)
         batch = []
         for _ in range(rng.randint(1, 4)):
             roll = rng.random()
@@ -57,6 +60,10 @@ def main() -> None:
                 batch.append(command)
                 record = fsm.tasks[task_id]
                 if record.status == "assigned":
+                    for _ in range(rng.randint(0, 3)):  # checkpoints (SAVE_CHECKPOINT, version 4)
+                        follow = _checkpoint(fsm, rng, now, task_id, record.attempt, executor_id)
+                        fsm.apply(index, follow)
+                        batch.append(follow)
                     outcome = rng.random()
                     if outcome < 0.6:
                         follow = cmd.complete_task(now, task_id, record.attempt, executor_id, '{"ok":true}')
@@ -99,6 +106,25 @@ def main() -> None:
                          "statuses": {s: n for s, n in sorted(replay.status_counts.items()) if n}})
     OUT.write_text("\n".join([header, *lines]) + "\n")
     print(f"wrote {OUT} ({len(lines)} entries, {len(replay.tasks)} tasks)")
+
+
+def _checkpoint(fsm: CoordinatorFSM, rng: random.Random, now: int, task_id: str, attempt: int,
+                executor_id: str) -> dict:
+    recovery = fsm.recover_task(task_id)
+    document = recovery.restored.document or {"state_snapshot": {}, "executed_actions": [], "remaining_plan": [1, 2, 3]}
+    document["executed_actions"].append({"id": f"a{len(document['executed_actions'])}", "r": rng.randint(0, 99)})
+    document["state_snapshot"]["n"] = rng.randint(0, 9)
+    limits = fsm.limits.checkpoints
+    base = recovery.base_document
+    record = make_checkpoint(base, recovery.last_sequence, document, task_id=task_id, timestamp_ms=now,
+                             full_every=limits.full_every, delta_chain_bytes_max=limits.delta_chain_bytes_max,
+                             chain_deltas_so_far=recovery.chain.deltas if base else 0,
+                             chain_bytes_so_far=recovery.chain.delta_bytes if base else 0,
+                             model_versions={"planner": f"p{rng.randint(1, 3)}"})
+    fields = {k: v for k, v in record.as_dict().items() if k != "task_id"}
+    if rng.random() < 0.1:
+        attempt += 1  # a stale attempt: rejected, recorded as such
+    return cmd.save_checkpoint(now, task_id, attempt, executor_id, fields)
 
 
 if __name__ == "__main__":
