@@ -4,6 +4,8 @@ and policy path agree exactly with a naive sort of the whole queue."""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import random
 
 from hypothesis import HealthCheck, given, settings
@@ -12,8 +14,10 @@ from hypothesis import strategies as st
 from scheduler.graph import TaskState
 from scheduler.limits import SchedulerLimits
 from scheduler.policies import POLICIES, get_policy
+from scheduler import queue as queue_module
 from scheduler.queue import EffectivePriority, Fifo, ReadyQueue, StaticPriority, UpwardRank
-from scheduler.simulate import SimTask, simulate
+from scheduler.simulate import (SimTask, Workload, cut_lower_bound_ms, energetic_lower_bound_ms, identical_executors,
+                                lower_bound_ms, simulate, simulate_workload)
 from scheduler.view import ExecutorView, SchedulerView, TaskView
 
 TYPES = ("a", "b", "c")
@@ -179,3 +183,96 @@ def test_decision_examines_a_bounded_window():
     # tasks it did examine are reported unschedulable (so the leader removes them from the queue).
     assert plan.assignments == ()
     assert len(plan.unschedulable) == 16
+
+
+def fan_out_of_chains() -> Workload:
+    """The shape that made the deadline-aware order lose to FIFO (epigenomics on 4 executors):
+    a split, nine chains of two sub-second steps and one long step (34-60 s), a merge and a long
+    tail. Runtimes in ms, from the shared epigenomics workload, rounded."""
+    long_steps_ms = (59_700, 58_200, 57_500, 57_000, 56_200, 54_800, 52_300, 51_000, 34_000)
+    tasks = [SimTask("split", 1_300)]
+    for i, runtime_ms in enumerate(long_steps_ms):
+        tasks += [SimTask(f"filter{i}", 700, ("split",)), SimTask(f"convert{i}", 500, (f"filter{i}",)),
+                  SimTask(f"map{i}", runtime_ms, (f"convert{i}",))]
+    tasks += [SimTask("merge", 5_600, tuple(f"map{i}" for i in range(len(long_steps_ms)))), SimTask("pileup", 30_000, ("merge",))]
+    return Workload("fan_out_of_chains", tuple(tasks))
+
+
+def test_short_steps_are_not_starved_by_long_ones():
+    """Urgency counts to deadline - runtime/2, not to the latest start. At the latest start the
+    deadline-aware order was exactly the HEFT order here, and the four executors ran the long map
+    steps of four chains while the sub-second steps of the others waited a minute and missed.
+    Pinned: more deadlines met than the HEFT order (critical_path) and than FIFO, makespan no
+    worse than either."""
+    workload = fan_out_of_chains()
+    runs = {name: simulate_workload(workload, 4, get_policy(name)).sim for name in ("fifo", "critical_path", "deadline_aware")}
+    best = runs["deadline_aware"]
+    assert best.deadline_hits > runs["critical_path"].deadline_hits
+    assert best.deadline_hits > runs["fifo"].deadline_hits
+    assert best.makespan_ms <= min(runs["critical_path"].makespan_ms, runs["fifo"].makespan_ms)
+
+
+def test_counting_urgency_to_the_latest_start_is_the_heft_order(monkeypatch):
+    """The test above can fail: with the whole runtime subtracted (the previous ordering) the
+    deadline-aware policy makes exactly the critical-path policy's choices on this workload."""
+    monkeypatch.setattr(queue_module, "START_BY_RUNTIME_FRACTION", 1.0)
+    workload = fan_out_of_chains()
+    old = simulate_workload(workload, 4, get_policy("deadline_aware")).sim
+    heft = simulate_workload(workload, 4, get_policy("critical_path")).sim
+    assert old.deadline_hits == heft.deadline_hits and old.makespan_ms == heft.makespan_ms
+
+
+def list_schedule_makespan_ms(tasks: list[SimTask], order: tuple[int, ...], executors_count: int) -> int:
+    """Greedy list schedule: whenever an executor is free, start the first ready task in `order`."""
+    index = {t.id: i for i, t in enumerate(tasks)}
+    waiting = [sum(1 for d in t.deps if d in index) for t in tasks]
+    dependents: list[list[int]] = [[] for _ in tasks]
+    for i, t in enumerate(tasks):
+        for d in t.deps:
+            if d in index:
+                dependents[index[d]].append(i)
+    rank = {task: r for r, task in enumerate(order)}
+    ready = [rank[i] for i in range(len(tasks)) if waiting[i] == 0]
+    heapq.heapify(ready)
+    running: list[tuple[int, int]] = []
+    now = 0
+    free = executors_count
+    end = 0
+    while ready or running:
+        while ready and free:
+            task = order[heapq.heappop(ready)]
+            heapq.heappush(running, (now + tasks[task].runtime_ms, task))
+            free -= 1
+        now, task = heapq.heappop(running)
+        free += 1
+        end = max(end, now)
+        for dependent in dependents[task]:
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                heapq.heappush(ready, rank[dependent])
+    return end
+
+
+@st.composite
+def small_dags(draw):
+    n = draw(st.integers(1, 6))
+    tasks = []
+    for i in range(n):
+        deps = draw(st.sets(st.integers(0, i - 1), max_size=min(i, 3))) if i else set()
+        tasks.append(SimTask(f"t{i}", draw(st.integers(0, 40)), tuple(f"t{d}" for d in sorted(deps))))
+    return tasks
+
+
+@FAST
+@given(small_dags(), st.integers(1, 3))
+def test_tight_lower_bound_never_exceeds_an_achievable_makespan(tasks, executors_count):
+    """The benchmark's tighter bound is only evidence if it is valid: it must not exceed any
+    schedule's makespan (every list order, exhaustively, and every registered policy)."""
+    bound = cut_lower_bound_ms(tasks, executors_count)
+    assert bound >= max(lower_bound_ms(tasks, executors_count)[0], energetic_lower_bound_ms(tasks, executors_count))
+    best = min(list_schedule_makespan_ms(tasks, order, executors_count)
+               for order in itertools.permutations(range(len(tasks))))
+    assert bound <= best
+    for name in sorted(POLICIES):
+        sim = simulate(tasks, identical_executors(executors_count), get_policy(name))
+        assert bound <= sim.makespan_ms
