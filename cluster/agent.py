@@ -60,6 +60,8 @@ from executors.base import (
     TaskError,
     task_error_from,
 )
+from coordinator.checkpoints import CheckpointRecord, canonical_json
+from executors.checkpointing import CheckpointRejected, Checkpointer, CheckpointSettings, Restored
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
 
@@ -91,6 +93,7 @@ class AgentLimits:
     shutdown_grace_s: float = 5.0               # on stop, wait this long for cancelled attempts to end
     shutdown_flush_s: float = 2.0               # then this long for the outbox to be acked
     progress_reports_max: int = 100             # progress reports kept per running attempt
+    progress_report_interval_s: float = 1.0     # at most one progress report per attempt this often
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -126,18 +129,64 @@ def build_adapter(executor_type: str) -> ExecutorAdapter:
 # ----------------------------------------------------------------------------------------- context
 
 
+class ClusterCheckpoints:
+    """The CheckpointSink of one attempt: the node's SaveCheckpoint / RestoreCheckpoint, fenced
+    by the attempt's lease. A save returns once a majority made it durable; a retry after an
+    unknown outcome is answered as a duplicate by the cluster."""
+
+    def __init__(self, agent: ExecutorAgent, key: AttemptKey) -> None:
+        self._agent = agent
+        self._key = key
+
+    async def save(self, record: CheckpointRecord) -> None:
+        request = pb.SaveCheckpointRequest(
+            task_id=self._key[0], attempt=self._key[1], executor_id=self._agent.executor_id,
+            sequence_number=record.sequence_number, kind=record.kind, base_sequence=record.base_sequence or 0,
+            payload_json=canonical_json(record.payload), checksum=record.checksum, payload_bytes=record.payload_bytes,
+            model_versions=record.model_versions)
+        try:
+            await self._agent.unary("SaveCheckpoint", request)
+        except PermanentTaskError as exc:   # INVALID_ARGUMENT: a bound; the previous one stays valid
+            raise CheckpointRejected(exc.message) from None
+
+    async def load(self) -> Restored | None:
+        response = await self._agent.unary("RestoreCheckpoint", pb.RestoreCheckpointRequest(
+            task_id=self._key[0], attempt=self._key[1], executor_id=self._agent.executor_id))
+        if not response.found and not response.last_sequence:
+            return None
+        if not response.found:
+            return Restored(state={}, executed_actions=[], remaining_plan=[], model_versions={}, sequence_number=0,
+                            last_sequence=response.last_sequence, problem=response.problem or None)
+        document = json.loads(response.document_json)
+        return Restored(state=document["state_snapshot"], executed_actions=document["executed_actions"],
+                        remaining_plan=document["remaining_plan"], model_versions=dict(response.model_versions),
+                        sequence_number=response.sequence_number, last_sequence=response.last_sequence,
+                        chain_deltas=response.chain_deltas, chain_bytes=response.chain_bytes,
+                        problem=response.problem or None)
+
+
 class AttemptContext(LocalContext):
     """The ExecutionContext of one running attempt.
 
-    `progress()` is validated and kept in a bounded local list (LocalContext) — it is NOT sent to
-    the server yet, because the protocol has no progress message. `cancelled` turns true when the
+    `progress()` is validated, kept in a bounded local list (LocalContext) and sent to the cluster
+    (the latest value, at most once per `progress_report_interval_s`). Checkpoints go to the cluster
+    (ClusterCheckpoints) with the agent's CheckpointSettings. `cancelled` turns true when the
     server cancels the attempt or the agent shuts down."""
 
     def __init__(self, *, progress_reports_max: int, agent: ExecutorAgent | None = None,
                  key: AttemptKey | None = None) -> None:
-        super().__init__(progress_reports_max=progress_reports_max)
+        checkpointer = None
+        if agent is not None and key is not None:
+            checkpointer = Checkpointer(ClusterCheckpoints(agent, key), task_id=key[0],
+                                        settings=agent.checkpoint_settings, resume=agent.resumable)
+        super().__init__(progress_reports_max=progress_reports_max, checkpointer=checkpointer)
         self._agent = agent
         self._key = key
+
+    async def progress(self, fraction: float, message: str = "") -> None:
+        await super().progress(fraction, message)
+        if self._agent is not None and self._key is not None:
+            self._agent._note_progress(self._key, float(fraction), message)
 
     async def delegate(self, tasks: Sequence[Mapping[str, Any]], request_id: str) -> list[str]:
         if self._agent is None or self._key is None:
@@ -238,6 +287,7 @@ class AgentCounters:
     reports_rejected_total: int = 0
     reports_dropped_outbox_full_total: int = 0
     heartbeats_sent_total: int = 0
+    progress_reports_sent_total: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return dict(vars(self))
@@ -265,6 +315,7 @@ class ExecutorAgent:
         capacity: int,
         endpoints: Sequence[str],
         prefetch: int = 0,
+        checkpoint_settings: CheckpointSettings | None = None,
         heartbeat_interval_s: float = 1.0,
         metadata: Mapping[str, str] | None = None,
         limits: AgentLimits | None = None,
@@ -286,6 +337,7 @@ class ExecutorAgent:
         self.executor_type = executor_type
         self.capacity = capacity            # attempts run at once
         self.prefetch = prefetch            # attempts leased beyond that, queued here
+        self.checkpoint_settings = checkpoint_settings or CheckpointSettings()
         self.endpoints = list(endpoints)
         self.limits = limits or AgentLimits()
         self.default_heartbeat_interval_s = heartbeat_interval_s
@@ -296,6 +348,7 @@ class ExecutorAgent:
             *channel_options,
         ]
         self.counters = AgentCounters()
+        self.resumable = bool(getattr(adapter.get_capabilities(), "resumable", False))
 
         self._running: dict[AttemptKey, _Running] = {}
         # Leased to us and waiting for a free slot (prefetch), in arrival order. Their leases
@@ -305,6 +358,10 @@ class ExecutorAgent:
         self._finished: OrderedDict[AttemptKey, str] = OrderedDict()
         self._outbox: OrderedDict[AttemptKey, _Pending] = OrderedDict()
         self._outbox_changed = asyncio.Event()
+        # Progress not sent yet: the latest per running attempt (so at most `capacity` entries),
+        # and when each attempt last sent one (dropped when the attempt ends).
+        self._progress: dict[AttemptKey, tuple[float, str]] = {}
+        self._progress_sent_s: dict[AttemptKey, float] = {}
         self._stream_generation = 0          # bumped per stream; 0 = no stream yet
         self._connected_endpoint: str | None = None
         self._unary_channels: dict[str, grpc.aio.Channel] = {}  # for delegate/wait of running attempts
@@ -415,6 +472,7 @@ class ExecutorAgent:
             # The cluster leases up to capacity + prefetch attempts to us (its view of our slots);
             # the metadata says how they split, for `executor list`.
             context_window_size=caps.context_window_size, capacity=self.capacity + self.prefetch,
+            resumable=caps.resumable,
             metadata={**self.metadata, **({"runs_at_once": str(self.capacity), "prefetch": str(self.prefetch)}
                                           if self.prefetch else {})},
         )
@@ -563,6 +621,7 @@ class ExecutorAgent:
                 if pending.acks_expected > 0:
                     next_resend_s = min(next_resend_s, pending.sent_s + resend_interval_s)
             now_s = loop.time()
+            next_progress_s = self._due_progress(out, now_s)
             if now_s >= next_heartbeat_s:
                 running = [pb.RunningAttempt(task_id=t, attempt=a) for t, a in self.running_attempts()]
                 out.append(pb.ExecutorMessage(heartbeat=pb.Heartbeat(running=running)))
@@ -570,11 +629,36 @@ class ExecutorAgent:
                 next_heartbeat_s = now_s + self._heartbeat_interval_s
             if out:
                 await self._write_batch(call, out)
-            wake_s = min(next_heartbeat_s, next_resend_s)
+            wake_s = min(next_heartbeat_s, next_resend_s, next_progress_s)
             try:
                 await asyncio.wait_for(self._outbox_changed.wait(), max(0.0, wake_s - loop.time()))
             except asyncio.TimeoutError:
                 pass
+
+    def _note_progress(self, key: AttemptKey, fraction: float, message: str) -> None:
+        if key in self._running:
+            self._progress[key] = (fraction, message)
+            self._outbox_changed.set()
+
+    def _due_progress(self, out: list[pb.ExecutorMessage], now_s: float) -> float:
+        """Append the progress reports due now to `out`; return when the next one is due."""
+        interval_s = self.limits.progress_report_interval_s
+        next_s = float("inf")
+        for key in list(self._progress):
+            running = self._running.get(key)
+            if running is None or running.cancelled_by_server or key in self._outbox and self._outbox[key].terminal:
+                del self._progress[key]     # ended: its terminal report says the rest
+                continue
+            due_s = self._progress_sent_s.get(key, float("-inf")) + interval_s
+            if due_s > now_s:
+                next_s = min(next_s, due_s)
+                continue
+            fraction, message = self._progress.pop(key)
+            self._progress_sent_s[key] = now_s
+            out.append(pb.ExecutorMessage(progress=pb.AttemptProgress(task_id=key[0], attempt=key[1],
+                                                                      fraction=fraction, message=message)))
+            self.counters.progress_reports_sent_total += 1
+        return next_s
 
     async def _write_batch(self, call: Any, messages: list[pb.ExecutorMessage]) -> None:
         if len(messages) == 1:
@@ -706,6 +790,8 @@ class ExecutorAgent:
                            ctx=AttemptContext(progress_reports_max=self.limits.progress_reports_max, agent=self,
                                               key=key))
         self._running[key] = running
+        # The first progress report is due one interval after the start: short attempts send none.
+        self._progress_sent_s[key] = asyncio.get_running_loop().time()
         self.counters.attempts_started_total += 1
         self._queue_report(key, pb.ExecutorMessage(started=pb.AttemptStarted(task_id=key[0], attempt=key[1])),
                            terminal=False)
@@ -744,6 +830,9 @@ class ExecutorAgent:
             if running.hard_cancel is not None:
                 running.hard_cancel.cancel()
             self._running.pop(key, None)
+            self._progress.pop(key, None)
+            self._progress_sent_s.pop(key, None)
+        await running.ctx.close()           # stops its checkpoint timer, if one runs
         if running.cancelled_by_server:
             self._remember_finished(key, "cancelled")
             self.counters.attempts_discarded_total += 1

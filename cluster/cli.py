@@ -35,12 +35,14 @@ task_app = typer.Typer(help="Submit, inspect and cancel tasks.", no_args_is_help
 dag_app = typer.Typer(help="Submit DAGs of tasks from YAML or JSON files.", no_args_is_help=True)
 events_app = typer.Typer(help="Stream committed domain events.", no_args_is_help=True)
 executor_app = typer.Typer(help="Inspect executors.", no_args_is_help=True)
+checkpoint_app = typer.Typer(help="Inspect task checkpoints.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(node_app, name="node")
 app.add_typer(task_app, name="task")
 app.add_typer(dag_app, name="dag")
 app.add_typer(events_app, name="events")
 app.add_typer(executor_app, name="executor")
+app.add_typer(checkpoint_app, name="checkpoint")
 
 # Piped output keeps full columns instead of the 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -553,6 +555,71 @@ def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, out
     console.print(table)
 
 
+# ---------------------------------------------------------------------------------- checkpoints
+def checkpoint_dict(info: pb.CheckpointInfo) -> dict[str, Any]:
+    return {"id": info.id, "task_id": info.task_id, "sequence_number": info.sequence_number, "kind": info.kind,
+            "base_sequence": info.base_sequence or None, "timestamp_unix_ms": info.timestamp_unix_ms,
+            "payload_bytes": info.payload_bytes, "checksum": info.checksum, "model_versions": dict(info.model_versions)}
+
+
+@checkpoint_app.command("list")
+def checkpoint_list(
+    task_id: str,
+    linearizable: bool = typer.Option(False, "--linearizable"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """The checkpoints a task holds now (retention drops older ones), oldest first."""
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.list_checkpoints, task_id, linearizable)
+    items = [checkpoint_dict(c) for c in response.checkpoints]
+    if output == Output.json:
+        emit_json({"task_id": task_id, "last_sequence": response.last_sequence,
+                   "payload_bytes_total": response.payload_bytes_total, "checkpoints": items})
+        return
+    table = Table(title=f"{task_id}: {len(items)} held, last saved {response.last_sequence}, "
+                        f"{response.payload_bytes_total} bytes")
+    for column in ("seq", "kind", "base", "bytes", "saved at", "model versions"):
+        table.add_column(column)
+    for item in items:
+        table.add_row(str(item["sequence_number"]), item["kind"], str(item["base_sequence"] or ""),
+                      str(item["payload_bytes"]), fmt_ms(item["timestamp_unix_ms"]),
+                      ", ".join(f"{k}={v}" for k, v in sorted(item["model_versions"].items())))
+    console.print(table)
+
+
+@checkpoint_app.command("show")
+def checkpoint_show(
+    task_id: str,
+    seq: int = typer.Option(0, "--seq", help="sequence number (default: the newest held)"),
+    linearizable: bool = typer.Option(False, "--linearizable"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """One checkpoint: its record, its payload, and the document restored up to it."""
+    if seq < 0:
+        fail(f"--seq: >= 0 (0 = the newest), got {seq}")
+    with client_for(endpoints, data_dir) as client:
+        response = call(client.get_checkpoint, task_id, seq, linearizable)
+    data = {**checkpoint_dict(response.checkpoint), "restored_sequence": response.restored_sequence,
+            "problem": response.problem or None,
+            "payload": json.loads(response.payload_json) if response.payload_json else None,
+            "document": json.loads(response.document_json) if response.document_json else None}
+    if output == Output.json:
+        emit_json(data)
+        return
+    table = Table(show_header=False, title=data["id"])
+    for key in ("sequence_number", "kind", "base_sequence", "payload_bytes", "checksum", "timestamp_unix_ms",
+                "model_versions", "restored_sequence", "problem"):
+        value = data[key]
+        table.add_row(key, fmt_ms(value) if key.endswith("_unix_ms") else
+                      json.dumps(value) if isinstance(value, dict) else str(value if value is not None else ""))
+    console.print(table)
+    console.print_json(json.dumps(data["document"]))
+
+
 @executor_app.command("run")
 def executor_run(
     type_: str = typer.Option(..., "--type", help="executor type; only 'algorithmic' has an adapter so far"),
@@ -560,6 +627,10 @@ def executor_run(
     executor_id: str = typer.Option(None, "--id", help="stable executor id (default: the name); the same id "
                                                        "after a restart resumes its leases"),
     capacity: int = typer.Option(1, "--capacity", help="attempts run at once, >= 1"),
+    checkpoint_on_action: bool = typer.Option(True, "--checkpoint-on-action/--no-checkpoint-on-action",
+                                              help="save a checkpoint after every action an adapter records"),
+    checkpoint_interval_s: float = typer.Option(0.0, "--checkpoint-interval-s",
+                                                help="also save unsaved checkpoint changes this often (0 = off)"),
     prefetch: int = typer.Option(0, "--prefetch", help="attempts leased beyond --capacity and queued here, so a "
                                                        "slot that frees starts the next one at once (0-10000)"),
     heartbeat_interval_s: float = typer.Option(1.0, "--heartbeat-interval-s",
@@ -575,6 +646,7 @@ def executor_run(
     import signal
 
     from cluster.agent import PREFETCH_MAX, ExecutorAgent, build_adapter
+    from executors.checkpointing import CheckpointSettings
 
     if capacity < 1:
         fail(f"--capacity: >= 1, got {capacity}")
@@ -587,9 +659,13 @@ def executor_run(
     eps = call(resolve_endpoints, endpoints, data_dir)
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        checkpoint_settings = CheckpointSettings(on_action=checkpoint_on_action, interval_s=checkpoint_interval_s)
+    except ValueError as exc:
+        fail(f"--checkpoint-interval-s: {exc}")
     agent = ExecutorAgent(adapter, executor_id=executor_id or name, name=name, executor_type=type_,
                           capacity=capacity, prefetch=prefetch, endpoints=eps,
-                          heartbeat_interval_s=heartbeat_interval_s)
+                          heartbeat_interval_s=heartbeat_interval_s, checkpoint_settings=checkpoint_settings)
 
     async def main_async() -> None:
         stop = asyncio.Event()

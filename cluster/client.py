@@ -121,6 +121,15 @@ class CoordinatorClient:
         consistency = pb.CONSISTENCY_LINEARIZABLE if linearizable else pb.CONSISTENCY_LOCAL
         return self.call("GetTask", pb.GetTaskRequest(task_id=task_id, consistency=consistency))
 
+    def list_checkpoints(self, task_id: str, linearizable: bool = False) -> pb.ListCheckpointsResponse:
+        consistency = pb.CONSISTENCY_LINEARIZABLE if linearizable else pb.CONSISTENCY_LOCAL
+        return self.call("ListCheckpoints", pb.ListCheckpointsRequest(task_id=task_id, consistency=consistency))
+
+    def get_checkpoint(self, task_id: str, sequence_number: int = 0, linearizable: bool = False) -> pb.GetCheckpointResponse:
+        consistency = pb.CONSISTENCY_LINEARIZABLE if linearizable else pb.CONSISTENCY_LOCAL
+        return self.call("GetCheckpoint", pb.GetCheckpointRequest(task_id=task_id, sequence_number=sequence_number,
+                                                                  consistency=consistency))
+
     def list_tasks(self, **kwargs: Any) -> pb.ListTasksResponse:
         return self.call("ListTasks", pb.ListTasksRequest(**kwargs))
 

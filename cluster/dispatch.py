@@ -61,6 +61,7 @@ class DispatchSettings:
     reports_in_flight_max: int = 256  # per executor stream
     events_batch_max: int = 1000
     batch_messages_max: int = 256  # stream messages per gRPC message, either direction
+    progress_message_chars_max: int = 1024
 
 
 def now_ms() -> int:
@@ -260,7 +261,7 @@ class Dispatcher:
                     parts = (message,)
                 for part in parts:
                     kind = part.WhichOneof("kind")
-                    if kind not in ("started", "completed", "failed"):
+                    if kind not in ("started", "completed", "failed", "progress"):
                         continue  # heartbeats count as life above; a nested batch or hello is ignored
                     await in_flight.acquire()
                     task = asyncio.create_task(self._handle_report(connection, kind, getattr(part, kind)))
@@ -282,7 +283,25 @@ class Dispatcher:
         finally:
             connection.reregistering = False
 
+    async def _handle_progress(self, connection: _Connection, report: pb.AttemptProgress) -> None:
+        """Replicated (so `task show` on any node has it) and fenced; never acked: the next
+        report supersedes a lost one, and the agent sends at most one per attempt per interval."""
+        fraction, message = report.fraction, report.message
+        if not 0.0 <= fraction <= 1.0 or len(message) > self.settings.progress_message_chars_max:
+            log.warning("executor %s: progress of %s/%s dropped: fraction must be in 0.0..1.0 and message at most "
+                        "progress_message_chars_max=%d chars", connection.executor_id, report.task_id, report.attempt,
+                        self.settings.progress_message_chars_max)
+            return
+        try:
+            await self._proposer.propose(cmd.report_progress(now_ms(), report.task_id, report.attempt,
+                                                             connection.executor_id, fraction, message))
+        except ProposeError as exc:
+            log.debug("progress of %s/%s not committed: %s", report.task_id, report.attempt, exc)
+
     async def _handle_report(self, connection: _Connection, kind: str, report: Any) -> None:
+        if kind == "progress":
+            await self._handle_progress(connection, report)
+            return
         executor_id = connection.executor_id
         stamp = now_ms()
         if kind == "started":

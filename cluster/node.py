@@ -27,11 +27,12 @@ from cluster.dispatch import DispatchSettings, Dispatcher
 from cluster.proposer import Proposer, ProposerLimits
 from cluster.raft import ROLE_NAMES, RaftLog
 from cluster.raft_patches import CoordinatorTransport, recommended_conf_kwargs
-from cluster.service import AppliedWaiters, CoordinatorService
+from cluster.service import AppliedWaiters, CoordinatorService, now_ms
 from coordinator.fsm import CoordinatorFSM
 from coordinator.limits import Limits
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
+from wal.checkpoint_store import CheckpointStore
 from wal.journal import LmdbJournal
 
 log = logging.getLogger("coordinator.node")
@@ -143,9 +144,10 @@ class Node:
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
         ])
+        checkpoints = CheckpointStore(self.proposer, self.fsm, now_ms, limits=self.fsm.limits.checkpoints)
         service = CoordinatorService(
             fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters, limits=config.limits,
-            node_status=self.status, dispatcher=self.dispatcher,
+            node_status=self.status, dispatcher=self.dispatcher, checkpoints=checkpoints,
         )
         pb_grpc.add_CoordinatorServicer_to_server(service, self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

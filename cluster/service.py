@@ -15,6 +15,7 @@ import grpc
 
 from cluster.proposer import ProposeError, Proposer
 from coordinator import commands as cmd
+from coordinator.checkpoints import CheckpointRecord, canonical_json, checkpoint_id, restore
 from coordinator.errors import CoordinatorError, InvalidArgument
 from coordinator.fsm import FINAL_STATUSES, CoordinatorFSM, ExecutorRecord, TaskRecord
 from coordinator.limits import Limits
@@ -22,6 +23,7 @@ from coordinator.model import TaskStatus
 from coordinator.validation import ExecutorInput, TaskInput, build_executor_spec, build_task_specs, check_idempotency_key
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
+from wal.checkpoint_store import CheckpointStore
 
 STATUS_CODES = {
     "INVALID_ARGUMENT": grpc.StatusCode.INVALID_ARGUMENT,
@@ -75,6 +77,8 @@ def task_to_pb(record: TaskRecord) -> pb.Task:
         max_attempts=record.max_attempts, metadata=record.metadata or {}, created_index=record.created_index,
         cancel_reason=record.cancel_reason, attempt=record.attempt, result_json=record.result_json,
         error=record.error, not_before_unix_ms=record.not_before_ms, dag_id=record.dag_id,
+        checkpoint_sequence=record.checkpoint_sequence, progress=record.progress,
+        progress_message=record.progress_message, progress_unix_ms=record.progress_ms,
         attempts=[pb.AttemptRecord(attempt=h[0], executor_id=h[1], outcome=h[2], error=h[3], ended_unix_ms=h[5])
                   for h in record.history],
     )
@@ -89,8 +93,16 @@ def executor_to_pb(record: ExecutorRecord, load: int = 0, connected_here: bool =
         capacity=record.capacity, status=record.status, registered_at_unix_ms=record.registered_at_ms,
         input_schema_json=record.input_schema_json, output_schema_json=record.output_schema_json,
         performance_profile_json=record.performance_profile_json, context_window_size=record.context_window_size,
-        metadata=record.metadata or {},
+        metadata=record.metadata or {}, resumable=record.resumable,
     )
+
+
+def checkpoint_to_pb(record: CheckpointRecord) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        id=checkpoint_id(record.task_id, record.sequence_number), task_id=record.task_id,
+        sequence_number=record.sequence_number, kind=record.kind, base_sequence=record.base_sequence or 0,
+        timestamp_unix_ms=record.timestamp_ms, payload_bytes=record.payload_bytes, checksum=record.checksum,
+        model_versions=record.model_versions)
 
 
 def task_input_from_pb(spec: pb.TaskSpec) -> TaskInput:
@@ -107,7 +119,7 @@ def executor_input_from_pb(spec: pb.ExecutorSpec) -> ExecutorInput:
         name=spec.name or spec.id, type=spec.type, id=spec.id, supported_task_types=list(spec.supported_task_types),
         input_schema_json=spec.input_schema_json, output_schema_json=spec.output_schema_json,
         performance_profile_json=spec.performance_profile_json, context_window_size=spec.context_window_size,
-        capacity=spec.capacity or 1, metadata=dict(spec.metadata),
+        capacity=spec.capacity or 1, metadata=dict(spec.metadata), resumable=spec.resumable,
     )
 
 
@@ -149,8 +161,10 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         limits: Limits,
         node_status: Callable[[bool], pb.NodeStatus],
         dispatcher: Any = None,
+        checkpoints: CheckpointStore | None = None,
     ) -> None:
         self._dispatcher = dispatcher
+        self._checkpoints = checkpoints
         self._fsm = fsm
         self._lock = fsm_lock
         self._proposer = proposer
@@ -352,6 +366,81 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         parent = (request.parent_task_id, request.parent_attempt, request.executor_id)
         value = await self._propose(cmd.submit_tasks(stamp, rows, key, "", parent), context)
         return pb.DelegateResponse(task_ids=value["ids"], duplicate=value["duplicate"])
+
+    # -- checkpoints -----------------------------------------------------------------------
+    async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context) -> pb.SaveCheckpointResponse:  # noqa: N802
+        data: dict[str, Any] = {
+            "task_id": request.task_id, "attempt": request.attempt, "executor_id": request.executor_id,
+            "sequence_number": request.sequence_number, "kind": request.kind, "checksum": request.checksum,
+            "payload_json": request.payload_json, "model_versions": dict(request.model_versions),
+        }
+        if request.base_sequence:
+            data["base_sequence"] = request.base_sequence
+        if request.payload_bytes:
+            data["payload_bytes"] = request.payload_bytes
+        try:
+            saved = await self._checkpoints.create_checkpoint(data, timeout_s=context.time_remaining())
+        except CoordinatorError as exc:
+            await self._abort(context, exc.code, exc.message)
+        except ProposeError as exc:
+            await self._abort(context, exc.code, str(exc))
+        return pb.SaveCheckpointResponse(id=saved.id, sequence_number=saved.sequence_number, index=saved.index,
+                                         duplicate=saved.duplicate)
+
+    async def RestoreCheckpoint(self, request: pb.RestoreCheckpointRequest, context) -> pb.RestoreCheckpointResponse:  # noqa: N802
+        """For the attempt holding the lease. A node that already applied that lease has applied
+        every checkpoint of the earlier attempts (each was fenced to its own lease, so it is
+        earlier in the log): the lease check doubles as the freshness check. A node that lags
+        behind the lease catches up through a barrier first."""
+        record = self._fsm.tasks.get(request.task_id)
+        if record is not None and record.attempt < request.attempt:
+            await self._propose(cmd.noop(), context)
+            record = self._fsm.tasks.get(request.task_id)
+        if record is None:
+            await self._abort(context, "NOT_FOUND", f"task_id: no task {request.task_id[:80]!r}")
+        if (record.status not in ("assigned", "executing") or record.attempt != request.attempt
+                or record.assigned_executor != request.executor_id):
+            await self._abort(context, "FAILED_PRECONDITION",
+                              f"StaleFencingToken: task {request.task_id!r} attempt {request.attempt} on "
+                              f"{request.executor_id!r} is not the current lease (status {record.status}, "
+                              f"attempt {record.attempt})")
+        recovery = await self._checkpoints.restore_from_checkpoint(request.task_id)
+        document = recovery.restored.document
+        return pb.RestoreCheckpointResponse(
+            found=document is not None, sequence_number=recovery.sequence_number,
+            last_sequence=recovery.last_sequence, document_json=canonical_json(document) if document is not None else "",
+            model_versions=recovery.model_versions, chain_deltas=recovery.chain.deltas,
+            chain_bytes=recovery.chain.delta_bytes, problem=recovery.problem or "")
+
+    async def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context) -> pb.ListCheckpointsResponse:  # noqa: N802
+        await self._barrier(request.consistency, context)
+        record = await self._task_or_abort(request.task_id, context)
+        records = self._fsm.checkpoints_of(request.task_id)
+        return pb.ListCheckpointsResponse(checkpoints=[checkpoint_to_pb(r) for r in records],
+                                          last_sequence=record.checkpoint_sequence,
+                                          payload_bytes_total=sum(r.payload_bytes for r in records))
+
+    async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context) -> pb.GetCheckpointResponse:  # noqa: N802
+        await self._barrier(request.consistency, context)
+        await self._task_or_abort(request.task_id, context)
+        records = self._fsm.checkpoints_of(request.task_id)
+        wanted = request.sequence_number or (records[-1].sequence_number if records else 0)
+        chosen = next((r for r in records if r.sequence_number == wanted), None)
+        if chosen is None:
+            held = f"{records[0].sequence_number}..{records[-1].sequence_number}" if records else "none"
+            await self._abort(context, "NOT_FOUND", f"sequence_number: task {request.task_id!r} holds no checkpoint "
+                                                    f"{wanted} (held: {held})")
+        restored = restore([r for r in records if r.sequence_number <= wanted])
+        return pb.GetCheckpointResponse(
+            checkpoint=checkpoint_to_pb(chosen), payload_json=canonical_json(chosen.payload),
+            document_json=canonical_json(restored.document) if restored.document is not None else "",
+            restored_sequence=restored.sequence_number, problem=restored.problem or "")
+
+    async def _task_or_abort(self, task_id: str, context) -> TaskRecord:
+        record = self._fsm.tasks.get(task_id)
+        if record is None:
+            await self._abort(context, "NOT_FOUND", f"task_id: no task {task_id[:80]!r}")
+        return record
 
     async def RelayHeartbeats(self, request: pb.RelayHeartbeatsRequest, context) -> pb.RelayHeartbeatsResponse:  # noqa: N802
         self._dispatcher.relay(list(request.executor_ids))

@@ -59,7 +59,7 @@ _decode = json.JSONDecoder().decode
 class CheckpointLimits:
     """Bounds on checkpoints. They shape `apply`, so every node must use the same values."""
 
-    checkpoint_bytes_max: int = 256 * KIB  # encoded payload of one record
+    checkpoint_bytes_max: int = 1 * MIB  # encoded payload of one record (an agent's state of a few 100 KiB fits)
     full_every: int = 20  # deltas after a full before the next one must be full
     delta_chain_bytes_max: int = 1024 * KIB  # payload bytes of the deltas after a full
     keep_full_max: int = 2  # fulls kept per task; 2 so a corrupt newest full has a fallback

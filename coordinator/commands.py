@@ -40,6 +40,7 @@ class CommandType(IntEnum):
     MARK_UNSCHEDULABLE = 12  # the scheduler found no executor that can ever run these tasks
     CANCEL_DAG = 13  # cancel every task of one DAG submission that has not finished
     SAVE_CHECKPOINT = 14  # the lease holder of a task saves a full or delta checkpoint (fenced)
+    REPORT_PROGRESS = 15  # the lease holder reports progress (fenced; agents send at most ~1/s per attempt)
 
 
 # Keys of the "cp" object of SAVE_CHECKPOINT: CheckpointRecord's fields but task_id (the
@@ -170,6 +171,12 @@ def mark_unschedulable(now_ms: int, items: list[list[str]]) -> dict[str, Any]:
 
 def cancel_dag(now_ms: int, dag_id: str, reason: str) -> dict[str, Any]:
     return {"t": CommandType.CANCEL_DAG, "now": now_ms, "dag": dag_id, "reason": reason}
+
+
+def report_progress(now_ms: int, task_id: str, attempt: int, executor_id: str, fraction: float,
+                    message: str) -> dict[str, Any]:
+    return {"t": CommandType.REPORT_PROGRESS, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
+            "fraction": fraction, "message": message}
 
 
 def save_checkpoint(now_ms: int, task_id: str, attempt: int, executor_id: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -57,7 +57,8 @@ SNAPSHOT_FORMAT = 1
 # Bumped whenever the encoded state of the same log intentionally changes (new fields, new
 # events), so recorded logs of an older version are checked by their semantic digest instead.
 # 4: checkpoints (a "checkpoints" snapshot section, TaskRecord.checkpoint_sequence, events).
-FSM_STATE_VERSION = 4
+# 5: ExecutorRecord.resumable; TaskRecord.progress/progress_message/progress_ms (REPORT_PROGRESS).
+FSM_STATE_VERSION = 5
 SNAPSHOT_ROWS_PER_CHUNK = 1000
 SNAPSHOT_CHECKPOINT_ROWS_PER_CHUNK = 16  # a record holds up to checkpoint_bytes_max of payload
 
@@ -101,6 +102,10 @@ class TaskRecord(NamedTuple):
     # The newest checkpoint sequence the task saved (0 = none). Kept after retention drops the
     # records, so sequence numbers keep increasing for the life of the task.
     checkpoint_sequence: int = 0
+    # The current attempt's last progress report (reset when a new attempt is assigned).
+    progress: float = 0.0
+    progress_message: str = ""
+    progress_ms: int = 0
 
     def row(self) -> list[Any]:
         return list(self)
@@ -124,6 +129,7 @@ class ExecutorRecord(NamedTuple):
     metadata: dict[str, str] | None
     tasks_completed: int = 0
     tasks_failed: int = 0
+    resumable: bool = False  # resumes from checkpoints; else a checkpointed task restarts from scratch
 
     def row(self) -> list[Any]:
         return list(self)
@@ -361,6 +367,7 @@ class CoordinatorFSM:
             registered_at_ms, spec["input_schema_json"], spec["output_schema_json"],
             spec["performance_profile_json"], spec["context_window_size"], spec["metadata"],
             existing.tasks_completed if existing else 0, existing.tasks_failed if existing else 0,
+            bool(spec.get("resumable", False)),
         )
         self.executors[executor_id] = record
         self.executor_tasks.setdefault(executor_id, {})
@@ -397,9 +404,18 @@ class CoordinatorFSM:
             self.executor_tasks[executor_id][task_id] = None
             error = "" if record.error.startswith("unschedulable:") else record.error
             self._set_status(record, "assigned", now_ms, assigned_executor=executor_id, attempt=attempt,
-                             lease_expires_ms=now_ms + lease_ms, not_before_ms=0, error=error)
-            self._events.append(self._event(index, "TaskAssigned", task_id, executor_id, now_ms,
-                                            _encoder.encode({"attempt": attempt, "lease_expires_ms": now_ms + lease_ms})))
+                             lease_expires_ms=now_ms + lease_ms, not_before_ms=0, error=error,
+                             progress=0.0, progress_message="", progress_ms=0)
+            data = {"attempt": attempt, "lease_expires_ms": now_ms + lease_ms}
+            if record.checkpoint_sequence:
+                # Decided here, on replicated state, so every node records the same: the attempt
+                # resumes from the task's checkpoints, or restarts from scratch on an executor
+                # that cannot resume (recorded as such).
+                if self.executors[executor_id].resumable:
+                    data["resume_from_sequence"] = record.checkpoint_sequence
+                else:
+                    data["restart_from_scratch"] = f"executor {executor_id} is not resumable"
+            self._events.append(self._event(index, "TaskAssigned", task_id, executor_id, now_ms, _encoder.encode(data)))
             assigned.append(task_id)
         self._trim_events()
         return ApplyResult(True, {"assigned": assigned, "rejected": rejected, "index": index})
@@ -446,6 +462,21 @@ class CoordinatorFSM:
         if record.status == "assigned":
             self._mark_started(index, record, command["now"])
             self._trim_events()
+        return ApplyResult(True, {"id": record.id, "index": index})
+
+    def _apply_report_progress(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        record, error = self._fenced(command)
+        if error is not None:
+            return error
+        now_ms = command["now"]
+        if record.status == "assigned":  # progress means it runs: its `started` may still be on the way
+            record = self._mark_started(index, record, now_ms)
+        self.tasks[record.id] = record.replace(progress=command["fraction"], progress_message=command["message"],
+                                               progress_ms=now_ms)
+        self._events.append(self._event(index, "TaskProgress", record.id, record.assigned_executor, now_ms,
+                                        _encoder.encode({"attempt": record.attempt, "fraction": command["fraction"],
+                                                         "message": command["message"]})))
+        self._trim_events()
         return ApplyResult(True, {"id": record.id, "index": index})
 
     def _mark_started(self, index: int, record: TaskRecord, now_ms: int) -> TaskRecord:
@@ -674,6 +705,7 @@ class CoordinatorFSM:
         CommandType.MARK_UNSCHEDULABLE: _apply_mark_unschedulable,
         CommandType.CANCEL_DAG: _apply_cancel_dag,
         CommandType.SAVE_CHECKPOINT: _apply_save_checkpoint,
+        CommandType.REPORT_PROGRESS: _apply_report_progress,
     }
 
     # ------------------------------------------------------------------ helpers

@@ -205,6 +205,7 @@ class ExecutorInput:
     context_window_size: int = 0
     capacity: int = 1
     metadata: Mapping[str, str] = field(default_factory=dict)
+    resumable: bool = False  # resumes tasks from their checkpoints
 
 
 def build_executor_spec(executor: ExecutorInput, *, new_id: Callable[[], str], limits: Limits) -> dict[str, Any]:
@@ -237,6 +238,7 @@ def build_executor_spec(executor: ExecutorInput, *, new_id: Callable[[], str], l
         ),
         "context_window_size": executor.context_window_size,
         "metadata": _check_metadata(executor.metadata, "executor.metadata", limits),
+        **({"resumable": True} if executor.resumable else {}),  # absent = False: older entries read alike
     }
 
 

@@ -47,7 +47,9 @@ class AlgorithmicLimits:
     running_tasks_max: int = 1_024              # attempts running at once; beyond → ExecutorBusy
     fanout_children_max: int = 100              # subtasks one fanout task may delegate
     fanout_wait_s_max: int = 600                # how long a fanout task may wait for them
-    steps_max: int = 10_000                     # steps of one `steps` task
+    # Steps of one `steps` task: its newest document lists every step done, and at this bound
+    # it stays under the cluster's checkpoint_bytes_max (a unit test checks the worst case).
+    steps_max: int = 5_000
     step_ms_max: int = 60_000                   # duration of one step
     analysis: AnalysisLimits = field(default_factory=AnalysisLimits)
 
@@ -276,7 +278,8 @@ class AlgorithmicAdapter:
         steps = _int_in_range(fields["steps"], "input.steps", 1, self.limits.steps_max, "steps_max")
         step_ms = _int_in_range(fields.get("step_ms", 0), "input.step_ms", 0, self.limits.step_ms_max, "step_ms_max")
         restored = await ctx.restore()
-        done = [{"step": a["step"], "attempt": a["attempt"]} for a in (restored.executed_actions if restored else [])]
+        done = [{"step": int(a["id"].removeprefix("step-")), "attempt": a["attempt"]}
+                for a in (restored.executed_actions if restored else [])]
         for step in range(1, steps + 1):
             action_id = f"step-{step}"
             if ctx.executed(action_id):
@@ -284,7 +287,7 @@ class AlgorithmicAdapter:
             await _pause(run, ctx, step_ms, f"in step {step} of {steps}")
             done.append({"step": step, "attempt": task.attempt})
             await ctx.checkpoint({"steps_done": step, "steps": steps},
-                                 action={"id": action_id, "step": step, "attempt": task.attempt},
+                                 action={"id": action_id, "attempt": task.attempt},
                                  remaining_plan=[{"from_step": step + 1, "to_step": steps}] if step < steps else [])
             await ctx.progress(step / steps, f"step {step} of {steps}")
         return {"steps": done, "attempt": task.attempt,

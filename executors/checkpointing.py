@@ -89,7 +89,7 @@ class Restored:
     executed_actions: list[Any]
     remaining_plan: list[Any]
     model_versions: dict[str, str]
-    sequence_number: int                 # the restored (last verified) checkpoint
+    sequence_number: int                 # the restored (last verified) checkpoint; 0 = none verifies
     last_sequence: int                   # the newest one saved; the next save is last_sequence + 1
     chain_deltas: int = 0                # deltas after the newest full (to keep the chain's bound)
     chain_bytes: int = 0
@@ -133,11 +133,12 @@ class MemoryCheckpoints:
 
 
 def restored_from_records(records: list[CheckpointRecord], last_sequence: int) -> Restored | None:
-    if not records:
+    if not records and not last_sequence:
         return None
     result = restore(records)
-    if result.document is None:
-        return None
+    if result.document is None:             # nothing verifies: start over, but keep the numbering
+        return Restored(state={}, executed_actions=[], remaining_plan=[], model_versions={}, sequence_number=0,
+                        last_sequence=last_sequence, problem=result.problem or "no checkpoint held")
     versions = next(r.model_versions for r in records if r.sequence_number == result.sequence_number)
     position = chain_position(r for r in records if r.sequence_number <= result.sequence_number)
     return Restored(state=result.document["state_snapshot"], executed_actions=result.document["executed_actions"],
@@ -157,9 +158,12 @@ class Checkpointer:
     """The checkpoints of one attempt (see the module docstring). Saves run one at a time."""
 
     def __init__(self, sink: CheckpointSink, *, task_id: str, settings: CheckpointSettings | None = None,
-                 model_versions: Mapping[str, str] | None = None,
+                 model_versions: Mapping[str, str] | None = None, resume: bool = True,
                  clock_ms: Callable[[], int] = lambda: int(time.time() * 1000)) -> None:
+        """resume=False: an executor that cannot resume; `restore()` gives None and the chain
+        goes on from a new full snapshot (the cluster records the restart from scratch)."""
         self.sink = sink
+        self.resume = resume
         self.task_id = task_id
         self.settings = settings or CheckpointSettings()
         self.model_versions = dict(model_versions or {})   # what this executor runs now
@@ -184,14 +188,17 @@ class Checkpointer:
         """The task's newest verified checkpoint (asked once per attempt), or None."""
         async with self._lock:
             if not self._loaded:
-                self._restored = await self.sink.load()
+                restored = await self.sink.load()
                 self._loaded = True
-                self._adopt(self._restored)
+                if restored is not None:
+                    # The sequence goes on even when nothing is resumed: the chain is the task's.
+                    self._last_sequence = restored.last_sequence
+                if restored is not None and restored.sequence_number > 0 and self.resume:
+                    self._adopt(restored)
+                    self._restored = restored
             return self._restored
 
-    def _adopt(self, restored: Restored | None) -> None:
-        if restored is None:
-            return
+    def _adopt(self, restored: Restored) -> None:
         pinned = restored.model_versions
         for name, version in self.model_versions.items():
             if name in pinned and pinned[name] != version:
@@ -200,7 +207,6 @@ class Checkpointer:
         self.model_versions = {**pinned, **self.model_versions}
         self._document = restored.document
         self._executed = {_action_id(a) for a in restored.executed_actions}
-        self._last_sequence = restored.last_sequence
         if restored.sequence_number == restored.last_sequence:
             self._saved_document = restored.document
             self._chain_deltas, self._chain_bytes = restored.chain_deltas, restored.chain_bytes

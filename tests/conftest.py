@@ -37,3 +37,15 @@ def make_cluster(tmp_path) -> Iterator:
 @pytest.fixture
 def cluster3(make_cluster) -> LocalCluster:
     return make_cluster(3)
+
+
+@pytest.fixture
+def executors(cluster3):
+    """Executor agent processes on cluster3, stopped by PID whatever the test did."""
+    from tests.executor_pool import Executors
+
+    pool = Executors(cluster3)
+    try:
+        yield pool
+    finally:
+        pool.stop_all()

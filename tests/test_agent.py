@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -498,3 +499,32 @@ async def test_prefetched_attempts_wait_for_a_slot_then_run_in_order() -> None:
             done = [m.completed.task_id for m in node.received if m.WhichOneof("kind") == "completed"]
             assert done == ["a", "b"]
             assert agent.status()["assignments_over_capacity_total"] == 1
+
+
+class ChattyAdapter(CountingAdapter):
+    """Reports progress every 5 ms for `ms` milliseconds (input {"ms": M})."""
+
+    async def execute(self, task: ExecutorTask, ctx: ExecutionContext) -> ExecutorResult:
+        steps = task.input["ms"] // 5
+        for step in range(1, steps + 1):
+            await asyncio.sleep(0.005)
+            await ctx.progress(step / steps, f"step {step}")
+        return ExecutorResult(output={"steps": steps})
+
+
+async def test_progress_is_sent_at_most_once_per_interval_latest_value_first_after_one_interval() -> None:
+    limits = dataclasses.replace(FAST, progress_report_interval_s=0.2)
+    async with fake_nodes(FakeCoordinator("n1")) as (node,):
+        async with running_agent([node.endpoint], adapter=ChattyAdapter(), limits=limits) as agent:
+            await eventually(lambda: node.streams, what="hello")
+            node.stream.assign("quick", 1, "echo", {"ms": 50})          # ends within one interval
+            node.stream.assign("slow", 1, "echo", {"ms": 700})          # ~140 progress calls
+            await eventually(lambda: node.reports("completed", "slow"), what="slow completed")
+            progress = node.reports("progress", "slow")
+            # ~700 ms / 200 ms, not ~140: the latest value once per interval, none in the first one
+            assert 2 <= len(progress) <= 4, [p.fraction for p in progress]
+            fractions = [p.fraction for p in progress]
+            assert fractions == sorted(fractions) and 0.2 <= fractions[0] and fractions[-1] < 1.0
+            assert all(p.attempt == 1 and p.message.startswith("step ") for p in progress)
+            assert node.reports("progress", "quick") == []
+            assert agent.status()["progress_reports_sent_total"] == len(progress)

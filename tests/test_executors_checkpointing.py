@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from coordinator.checkpoints import restore
-from executors.algorithmic import AlgorithmicAdapter
+from coordinator.checkpoints import CheckpointLimits, canonical_bytes, restore
+from executors.algorithmic import AlgorithmicAdapter, AlgorithmicLimits
 from executors.base import ExecutorTask, InvalidTaskInput, LocalContext
 from executors.checkpointing import (
     CheckpointRejected,
@@ -68,8 +68,16 @@ async def test_a_fresh_task_starts_at_step_one() -> None:
                              "resumed_from_sequence": 0}
 
 
+def test_the_longest_steps_task_fits_one_checkpoint() -> None:
+    steps, attempt = AlgorithmicLimits().steps_max, 100  # 100 = the coordinator's max_attempts_max
+    document = {"state_snapshot": {"steps_done": steps, "steps": steps},
+                "executed_actions": [{"id": f"step-{i}", "attempt": attempt} for i in range(1, steps + 1)],
+                "remaining_plan": [{"from_step": steps, "to_step": steps}]}
+    assert len(canonical_bytes(document)) < CheckpointLimits().checkpoint_bytes_max
+
+
 async def test_steps_rejects_bad_input_naming_the_field() -> None:
-    with pytest.raises(InvalidTaskInput, match=r"input.steps: must be in 1..10000 \(steps_max\)"):
+    with pytest.raises(InvalidTaskInput, match=r"input.steps: must be in 1..5000 \(steps_max\)"):
         await AlgorithmicAdapter().execute(
             ExecutorTask(task_id="t", attempt=1, type="steps", input={"steps": 0}, metadata={}), LocalContext())
 

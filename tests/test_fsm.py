@@ -425,6 +425,14 @@ class FSMAgainstModel(RuleBasedStateMachine):
         else:
             assert "TaskStarted" not in kinds, kinds
 
+    @rule(data=st.data(), fraction=st.sampled_from([0.0, 0.5, 1.0]))
+    def progress(self, data, fraction) -> None:
+        task, ok = self._report(data, lambda t, a, e: cmd.report_progress(self.index + 1, t, a, e, fraction, "half"))
+        if ok:
+            task["status"] = "executing"  # progress from an assigned attempt also records its start
+            record = self.fsm.tasks[next(k for k, v in self.model.tasks.items() if v is task)]
+            assert (record.progress, record.progress_message, record.progress_ms) == (fraction, "half", self.index)
+
     @rule(data=st.data(), implied=st.booleans())
     def complete(self, data, implied) -> None:
         task, ok = self._report(data, lambda t, a, e: cmd.complete_task(self.index + 1, t, a, e, '{"ok":1}', implied))

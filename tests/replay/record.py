@@ -64,12 +64,18 @@ def main() -> None:
                         follow = _checkpoint(fsm, rng, now, task_id, record.attempt, executor_id)
                         fsm.apply(index, follow)
                         batch.append(follow)
+                    if rng.random() < 0.3:  # REPORT_PROGRESS (version 5)
+                        follow = cmd.report_progress(now, task_id, record.attempt, executor_id,
+                                                     rng.choice([0.0, 0.25, 1.0]), "replay")
+                        fsm.apply(index, follow)
+                        batch.append(follow)
+                    implied = rng.random() < 0.5  # a terminal report standing for `started` (version 5)
                     outcome = rng.random()
                     if outcome < 0.6:
-                        follow = cmd.complete_task(now, task_id, record.attempt, executor_id, '{"ok":true}')
+                        follow = cmd.complete_task(now, task_id, record.attempt, executor_id, '{"ok":true}', implied)
                     elif outcome < 0.85:
                         follow = cmd.fail_task(now, task_id, record.attempt, executor_id, "boom", rng.random() < 0.7,
-                                               rng.randint(0, 5000))
+                                               rng.randint(0, 5000), implied)
                     else:
                         follow = cmd.executor_lost(now, executor_id, "replay")
                     fsm.apply(index, follow)
@@ -86,6 +92,8 @@ def main() -> None:
                 executor = {"id": f"x{rng.randint(0, 4)}", "name": "w", "type": "algorithmic", "task_types": ["echo"],
                             "capacity": 2, "input_schema_json": "null", "output_schema_json": "null",
                             "performance_profile_json": "null", "context_window_size": 0, "metadata": None}
+                if rng.random() < 0.5:
+                    executor["resumable"] = True  # version 5
                 command = cmd.register_executor(now, executor)
                 fsm.apply(index, command)
                 batch.append(command)
