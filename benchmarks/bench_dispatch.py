@@ -2,13 +2,15 @@
 
 Ours: 3 ``coordctl node run`` processes (``cluster.local.LocalCluster`` in a temp dir, as in
 ``bench_cluster``) and 4 executor agents ``python -m cluster.cli executor run --type algorithmic
---capacity 8 --log-level WARNING``, agent k connecting first to node k mod 3 (so the executors are
-spread over leader and followers, as they would be in a deployment).
+--capacity 8 --prefetch 32 --log-level WARNING`` (prefetch defaults to 4 x capacity, as Celery's
+prefetch multiplier of 4), agent k connecting first to node k mod 3 (so the executors are spread over
+leader and followers, as they would be in a deployment).
 
 (i)  dispatch latency, idle executors: one ``echo`` task at a time (``SubmitTask``, round-robin over
      the 3 nodes), then ``WaitTasks`` on the same node. The client keeps a ``Watch`` stream on the leader
      (kinds TaskAssigned/TaskStarted/TaskCompleted). submit -> start = the TaskStarted event's
-     ``time_unix_ms`` (the node's clock when the executor's ``started`` report reached it; same machine
+     ``time_unix_ms`` (the node's clock when the executor's ``started`` report reached it — for an echo,
+     which ends before its ``started`` goes out, the completion that stands for it; same machine
      clock as the client; 1 ms resolution, truncated) minus the client's ``time.time()`` just before
      the SubmitTask call. Also: submit -> TaskAssigned stamp (the scheduler's round), submit acked,
      submit -> WaitTasks returned (completion as a client sees it), submit -> TaskStarted received
@@ -845,7 +847,8 @@ def report(ours: dict[str, Any] | None, celery: list[tuple[str, dict[str, Any]]]
                          f"assigned -> started {_fmt_stats(ph['assigned_to_started_ms'])}; started -> completed "
                          f"{_fmt_stats(ph['started_to_completed_ms'])}; assigned -> completed "
                          f"{_fmt_stats(ph['assigned_to_completed_ms'])}; mean tasks in flight (assigned, not completed) "
-                         f"{ph['mean_in_flight']} of {args.agents * args.capacity} slots; per executor "
+                         f"{ph['mean_in_flight']} of {args.agents * (args.capacity + args.prefetch)} leasable "
+                         f"({args.agents} x ({args.capacity} running + {args.prefetch} prefetched)); per executor "
                          f"{ph['per_executor']}; client CPU {ph.get('client_cpu_pct')} %")
         lines.append(f"- executors first connected to: {ours.get('agent_nodes')}")
         lines.append(f"\nCheck: ListTasks(completed, echo) grew by {ours['completed_delta']:,} (expected "
@@ -901,14 +904,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", nargs="+", choices=("dag", "submit"), default=["dag", "submit"])
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--capacity", type=int, default=8)
-    ap.add_argument("--prefetch", type=int, default=0,
-                    help="attempts each agent may hold queued beyond --capacity (Celery's prefetch is 4 x concurrency)")
+    ap.add_argument("--prefetch", type=int, default=None,
+                    help="attempts each agent may hold queued beyond --capacity (default 4 x capacity, as Celery's "
+                         "default prefetch multiplier of 4)")
     ap.add_argument("--celery-workers", type=int, default=2)
     ap.add_argument("--celery-concurrency", type=int, default=1)
     ap.add_argument("--celery-acks-late", choices=("off", "on", "both"), default="both")
     ap.add_argument("--profile", default=None, help="directory: py-spy the leader and one executor")
     ap.add_argument("--profile-seconds", type=int, default=10)
     args = ap.parse_args(argv)
+    if args.prefetch is None:
+        args.prefetch = 4 * args.capacity
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every `finally` kills its processes
     t_start = time.monotonic()
     ours = None
