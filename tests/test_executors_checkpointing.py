@@ -182,3 +182,15 @@ def test_restore_equals_the_last_saved_state_across_restarts(states, full_every,
         assert restored.problem is None
 
     asyncio.run(run())
+
+
+async def test_an_executor_that_cannot_resume_starts_over_but_keeps_the_numbering() -> None:
+    sink = MemoryCheckpoints("t1")
+    first = context(sink)
+    for i in range(3):
+        await first.checkpoint({"i": i}, action=f"a{i}")
+    fresh = LocalContext(checkpointer=Checkpointer(sink, task_id="t1", resume=False))
+    assert await fresh.restore() is None and not fresh.executed("a0")
+    await fresh.checkpoint({"i": 0}, action="a0")                    # redone from scratch
+    assert (sink.records[-1].sequence_number, sink.records[-1].kind) == (4, "full")
+    assert [a["id"] for a in (await sink.load()).executed_actions] == ["a0"]

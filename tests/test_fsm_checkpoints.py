@@ -520,3 +520,24 @@ def test_a_client_that_never_sends_a_full_is_stopped_at_full_every() -> None:
     refused = h.save("a", sneaky)
     assert refused.code == "FAILED_PRECONDITION" and "full_every=3" in refused.message
     assert h.checkpoint("a", doc(4)).ok and h.fsm.checkpoints_of("a")[-1].kind == "full"
+
+
+def test_the_next_assignment_records_whether_the_attempt_resumes_or_restarts_from_scratch() -> None:
+    h = Harness()
+    h.run(cmd.register_executor(0, {**executor_spec("resumer"), "resumable": True}))
+    h.run(cmd.register_executor(0, executor_spec("plain")))          # declares nothing: cannot resume
+
+    def assigned_data() -> dict:
+        return [json.loads(e[6]) for e in h.fsm.events_from(1, 10_000) if e[2] == "TaskAssigned"][-1]
+
+    h.lease("a")
+    assert "resume_from_sequence" not in assigned_data()                # no checkpoint yet: nothing to say
+    assert h.checkpoint("a", doc(0)).ok and h.checkpoint("a", doc(1, actions=1)).ok
+    assert h.run(cmd.executor_lost(0, "x", "test")).ok
+    assert h.run(cmd.assign_tasks(0, 60_000, [["a", "plain", 2]])).value["assigned"] == ["a"]
+    assert assigned_data() == {"attempt": 2, "lease_expires_ms": h.now + 60_000,
+                               "restart_from_scratch": "executor plain is not resumable"}
+    assert h.run(cmd.fail_task(0, "a", 2, "plain", "transient", True, 0)).value["status"] == "pending"
+    assert h.run(cmd.assign_tasks(0, 60_000, [["a", "resumer", 3]])).value["assigned"] == ["a"]
+    assert assigned_data() == {"attempt": 3, "lease_expires_ms": h.now + 60_000, "resume_from_sequence": 2}
+    assert h.fsm.executors["resumer"].resumable and not h.fsm.executors["plain"].resumable
