@@ -118,10 +118,37 @@ def main() -> None:
         cluster.wait_converged()
         console.print(f"{leader} restarted from its own disk and caught up (same state hash on every node)")
 
-        console.rule("6. the committed event stream, from any node")
+        console.rule("6. a 30-step task checkpoints after each step; SIGKILL its executor midway: it resumes elsewhere")
+        names = {"worker-b": executors[1], "worker-c": executors[2]}
+        steps_id = coordctl("task", "submit", "--type", "steps", "--input", '{"steps": 30, "step_ms": 100}',
+                            "--output", "json", capture=True)
+        steps_id = json.loads(steps_id)["task_id"]
+        deadline = time.monotonic() + 30
+        runner = ""
+        while time.monotonic() < deadline:
+            task = json.loads(coordctl("task", "show", steps_id, "--output", "json", capture=True))
+            if task["status"] == "executing" and int(task.get("checkpoint_sequence") or 0) >= 10:
+                runner = task["assigned_executor"]
+                break
+            time.sleep(0.1)
+        if runner in names:
+            names[runner].kill()
+            console.print(f"killed {runner}, which ran it, after checkpoint {task['checkpoint_sequence']}")
+            executors.append(start_executor("worker-d", 4))
+        waited = json.loads(coordctl("task", "wait", steps_id, "--timeout", "60", "--output", "json", capture=True))
+        result = json.loads(waited["tasks"][0]["result_json"] or "null") or {}
+        by_attempt: dict[int, list[int]] = {}
+        for step in result.get("steps", []):
+            by_attempt.setdefault(step["attempt"], []).append(step["step"])
+        for attempt, done in sorted(by_attempt.items()):
+            console.print(f"  attempt {attempt} ran steps {done[0]}..{done[-1]}")
+        console.print(f"resumed from checkpoint {result.get('resumed_from_sequence')}; no step ran twice")
+        coordctl("checkpoint", "list", steps_id)
+
+        console.rule("7. the committed event stream, from any node")
         coordctl("events", "watch", "--from-index", "1", "--count", "12", "--timeout", "5")
     finally:
-        console.rule("7. stop the executors and the cluster")
+        console.rule("8. stop the executors and the cluster")
         for proc in executors:
             if proc.poll() is None:
                 proc.terminate()
