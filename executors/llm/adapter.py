@@ -369,7 +369,7 @@ class LLMAdapter:
             except (TransientLLMError, CircuitOpen) as exc:
                 failed[model] = tier
                 last = exc
-                more = i + 1 < len(chain)
+                more = any(self.tiers[t] not in failed for t in chain[i + 1:])
                 run.record({"tier": tier, "model": model, "outcome": "fallback" if more else "failed",
                             "error": exc.code, "reason": _clip(exc.message)})
         if pin is not None and last is not None:
