@@ -344,10 +344,10 @@ class FaultProxy:
             headers += list(fault.headers)
             payload = fault.payload()
             headers.append(("Content-Length", str(len(payload))))
+            rec.outcome = f"status {fault.code}"  # before the client can see it: tests read it at once
             await self._write_head(writer, fault.code, headers)
             writer.write(payload)
             await writer.drain()
-            rec.outcome = f"status {fault.code}"
             return True
         if isinstance(fault, Hang):
             rec.outcome = "hang"
@@ -380,10 +380,10 @@ class FaultProxy:
             resp = await self._client.send(req, stream=True)
         except httpx.HTTPError as exc:
             payload = json.dumps({"error": {"message": f"fault proxy: upstream: {exc!r}", "type": "server_error"}})
+            rec.outcome = "upstream error: 502"
             await self._write_head(writer, 502, [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))])
             writer.write(payload.encode())
             await writer.drain()
-            rec.outcome = "upstream error: 502"
             return True
         try:
             out_headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() not in HOP_BY_HOP]
@@ -392,9 +392,9 @@ class FaultProxy:
             if cut is None:
                 async for chunk in resp.aiter_raw():
                     await self._write_chunk(writer, chunk)
+                rec.outcome = f"status {resp.status_code}"
                 writer.write(b"0\r\n\r\n")
                 await writer.drain()
-                rec.outcome = f"status {resp.status_code}"
                 return True
             sent = 0
             events = 0
@@ -414,12 +414,12 @@ class FaultProxy:
                     events += 1
                 if events >= cut.after_events:
                     break
+            rec.outcome = f"cut after {events} events" if cut.after_bytes is None else f"cut after {sent} bytes"
             # No terminating chunk: the client has a partial body, then the connection ends.
             if cut.reset:
                 writer.transport.abort()
             else:
                 writer.close()
-            rec.outcome = f"cut after {events} events" if cut.after_bytes is None else f"cut after {sent} bytes"
             return False
         finally:
             await resp.aclose()
