@@ -114,8 +114,16 @@ def _algorithmic() -> ExecutorAdapter:
     return AlgorithmicAdapter()
 
 
-# Executor type → adapter factory. Only the built-in algorithmic executor exists so far.
-ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {"algorithmic": _algorithmic}
+def _cloudru() -> ExecutorAdapter:
+    # Reads CLOUDRU_API_KEY (and CLOUDRU_BASE_URL / CLOUDRU_PRESET / CLOUDRU_MODEL_*) from the
+    # environment; a missing key is a ValueError naming the variable, never showing a key.
+    from executors.cloudru import CloudRuAdapter
+
+    return CloudRuAdapter()
+
+
+# Executor type → adapter factory. local_llm and specialized_ml arrive with the rest of issue 5.
+ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {"algorithmic": _algorithmic, "cloudru": _cloudru}
 
 
 def build_adapter(executor_type: str) -> ExecutorAdapter:
@@ -902,6 +910,12 @@ class ExecutorAgent:
         if self._outbox:
             log.warning("executor %s: %d reports unacked at shutdown; their leases will expire",
                         self.executor_id, len(self._outbox))
+        aclose = getattr(self.adapter, "aclose", None)  # adapters holding HTTP clients close them
+        if aclose is not None:
+            try:
+                await asyncio.wait_for(aclose(), self.limits.shutdown_flush_s)
+            except Exception:               # noqa: BLE001 — shutting down regardless
+                log.exception("executor %s: closing the adapter failed", self.executor_id)
 
 
 def _failed_message(key: AttemptKey, error: TaskError) -> pb.ExecutorMessage:

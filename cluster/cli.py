@@ -622,7 +622,7 @@ def checkpoint_show(
 
 @executor_app.command("run")
 def executor_run(
-    type_: str = typer.Option(..., "--type", help="executor type; only 'algorithmic' has an adapter so far"),
+    type_: str = typer.Option(..., "--type", help="executor type: algorithmic, or cloudru (needs CLOUDRU_API_KEY)"),
     name: str = typer.Option(..., "--name", help="executor name"),
     executor_id: str = typer.Option(None, "--id", help="stable executor id (default: the name); the same id "
                                                        "after a restart resumes its leases"),

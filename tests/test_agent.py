@@ -433,9 +433,13 @@ async def test_agent_keeps_retrying_while_no_node_is_up() -> None:
 
 def test_build_adapter_names_the_valid_types() -> None:
     assert isinstance(build_adapter("algorithmic"), AlgorithmicAdapter)
-    with pytest.raises(ValueError, match="valid types: algorithmic"):
+    with pytest.raises(ValueError, match="valid types: algorithmic, cloudru"):
         build_adapter("claude_opus")
-    assert sorted(ADAPTER_FACTORIES) == ["algorithmic"]
+    assert sorted(ADAPTER_FACTORIES) == ["algorithmic", "cloudru"]
+    with pytest.raises(ValueError, match="CLOUDRU_API_KEY"):                # named, never shown
+        with pytest.MonkeyPatch.context() as env:
+            env.delenv("CLOUDRU_API_KEY", raising=False)
+            build_adapter("cloudru")
     with pytest.raises(ValueError):
         ExecutorAgent(AlgorithmicAdapter(), executor_id="w", name="w", executor_type="algorithmic", capacity=0,
                       endpoints=["127.0.0.1:1"])

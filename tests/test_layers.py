@@ -15,7 +15,8 @@ ALLOWED = {
     "coordinator": {"coordinator"} | {"pydantic"},
     "wal": {"wal", "lmdb", "coordinator"},
     "scheduler": {"scheduler", "coordinator"},
-    "executors": {"executors", "coordinator", "pydantic"},
+    # the LLM adapters' clients (openai uses httpx2 underneath; stream errors surface from it)
+    "executors": {"executors", "coordinator", "pydantic", "openai", "httpx", "httpx2", "jsonschema"},
 }
 
 
