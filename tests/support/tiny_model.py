@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 # Bump when the builder changes in a way the hashed inputs below do not capture.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 CACHE_DIR_ENV = "LLM_TEST_MODEL_CACHE"
 
@@ -175,6 +175,13 @@ def _build_into(out: Path, spec: TinyModelSpec) -> None:
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(out)
+    # transformers 5 names the class "TokenizersBackend", unknown to the 4.x a vLLM may pin;
+    # "PreTrainedTokenizerFast" (an alias in 5.x) loads tokenizer.json in both.
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg["chat_template"] = CHAT_TEMPLATE  # also inline, for readers that ignore chat_template.jinja
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
 
     ids = {t: raw.token_to_id(t) for t in (BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)}
     config = GPT2Config(
