@@ -11,7 +11,7 @@ PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,llm-test]'
+	$(PY) -m pip install -q -e '.[dev,llm-test,ml]'
 	touch $(STAMP)
 
 venv: $(STAMP)
