@@ -149,7 +149,15 @@ class _BadRequest(Exception):
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, upstream: str, *, host: str = "127.0.0.1", port: int = 0,
+                 model_aliases: dict[str, str] | None = None, fault_paths: tuple[str, ...] = ()) -> None:
+        """model_aliases: request "model" names rewritten before forwarding, so several names
+        (e.g. the big/middle/small tiers of a preset) reach the one model a test server serves;
+        the log keeps the name the client sent. fault_paths: when given, faults apply only to
+        requests whose path ends with one of them (e.g. "/chat/completions", so a client's health
+        probe of /v1/models passes through); the others are passed through, not counted."""
+        self.model_aliases = dict(model_aliases or {})
+        self.fault_paths = tuple(fault_paths)
         parts = urlsplit(upstream)
         self.upstream = f"{parts.scheme}://{parts.netloc}"  # paths are relayed as the client sent them
         self.host = host
@@ -206,6 +214,18 @@ class FaultProxy:
     def log(self) -> list[RequestRecord]:
         with self._lock:
             return list(self._log)
+
+    def _aliased(self, body: bytes) -> bytes:
+        if not self.model_aliases or not body:
+            return body
+        try:
+            document = json.loads(body)
+        except ValueError:
+            return body
+        if isinstance(document, dict) and document.get("model") in self.model_aliases:
+            document["model"] = self.model_aliases[document["model"]]
+            return json.dumps(document).encode()
+        return body
 
     def _next_fault(self) -> Fault:
         with self._lock:
@@ -280,7 +300,10 @@ class FaultProxy:
                 if req is None:
                     return
                 method, path, headers, body = req
-                fault = self._next_fault()
+                if self.fault_paths and not path.split("?")[0].endswith(self.fault_paths):
+                    fault: Fault = PassThrough()
+                else:
+                    fault = self._next_fault()
                 record = RequestRecord(method, path, headers, body, fault, time.monotonic())
                 with self._lock:
                     self._log.append(record)
@@ -375,8 +398,11 @@ class FaultProxy:
     async def _forward(self, rec: RequestRecord, writer: asyncio.StreamWriter, cut: CutStream | None) -> bool:
         headers = {k: v for k, v in rec.headers.items() if k not in HOP_BY_HOP}
         url = self.upstream + rec.path
+        body = self._aliased(rec.body)
+        if body is not rec.body:
+            headers = {k: v for k, v in headers.items() if k.lower() != "content-length"}
         try:
-            req = self._client.build_request(rec.method, url, headers=headers, content=rec.body)
+            req = self._client.build_request(rec.method, url, headers=headers, content=body)
             resp = await self._client.send(req, stream=True)
         except httpx.HTTPError as exc:
             payload = json.dumps({"error": {"message": f"fault proxy: upstream: {exc!r}", "type": "server_error"}})
