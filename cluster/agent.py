@@ -324,6 +324,7 @@ class ExecutorAgent:
         endpoints: Sequence[str],
         prefetch: int = 0,
         checkpoint_settings: CheckpointSettings | None = None,
+        performance_profile: Mapping[str, Any] | None = None,
         heartbeat_interval_s: float = 1.0,
         metadata: Mapping[str, str] | None = None,
         limits: AgentLimits | None = None,
@@ -346,6 +347,9 @@ class ExecutorAgent:
         self.capacity = capacity            # attempts run at once
         self.prefetch = prefetch            # attempts leased beyond that, queued here
         self.checkpoint_settings = checkpoint_settings or CheckpointSettings()
+        # Measured by `coordctl executor profile`; overrides what the adapter declares, so the
+        # scheduler's matching score works from measurements.
+        self.performance_profile = dict(performance_profile or {})
         self.endpoints = list(endpoints)
         self.limits = limits or AgentLimits()
         self.default_heartbeat_interval_s = heartbeat_interval_s
@@ -476,7 +480,8 @@ class ExecutorAgent:
             supported_task_types=list(caps.supported_task_types),
             input_schema_json=json.dumps(caps.input_schema, sort_keys=True),
             output_schema_json=json.dumps(caps.output_schema, sort_keys=True),
-            performance_profile_json=json.dumps(caps.performance_profile, sort_keys=True),
+            performance_profile_json=json.dumps({**caps.performance_profile, **self.performance_profile},
+                                                sort_keys=True),
             # The cluster leases up to capacity + prefetch attempts to us (its view of our slots);
             # the metadata says how they split, for `executor list`.
             context_window_size=caps.context_window_size, capacity=self.capacity + self.prefetch,

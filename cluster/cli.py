@@ -620,6 +620,56 @@ def checkpoint_show(
     console.print_json(json.dumps(data["document"]))
 
 
+@executor_app.command("profile")
+def executor_profile(
+    type_: str = typer.Option(..., "--type", help="executor type whose adapter to profile"),
+    repeats: int = typer.Option(5, "--repeats", help="runs of each benchmark input, one at a time (1-1000)"),
+    concurrency: int = typer.Option(4, "--concurrency", help="runs at once for the throughput figure (1-256)"),
+    write: str = typer.Option("", "--write", help="also write the profile to this file, for executor run --profile-file"),
+    output: Output = OutputOpt,
+) -> None:
+    """Run the adapter of --type on its small benchmark set per task type, here, without a cluster:
+    latency p50/p95, throughput, cost per task and success rate. `executor run --profile-file`
+    registers it as the executor's performance profile, which the scheduler's matching uses.
+    An LLM adapter pointed at a paid endpoint spends real tokens here (its inputs are tiny)."""
+    from cluster.agent import build_adapter
+    from executors.profiling import ProfileSettings, profile_adapter
+
+    try:
+        settings = ProfileSettings(repeats=repeats, concurrency=concurrency)
+        adapter = build_adapter(type_)
+    except ValueError as exc:
+        fail(str(exc))
+
+    async def run() -> dict[str, Any]:
+        try:
+            return await profile_adapter(adapter, settings=settings)
+        finally:
+            aclose = getattr(adapter, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    profile = asyncio.run(run())
+    if write:
+        with open(write, "w") as f:
+            json.dump(profile, f, indent=2, sort_keys=True)
+    if output == Output.json:
+        emit_json(profile)
+        return
+    table = Table(title=f"{type_}: latency p50 {profile['latency_s_p50'] * 1000:.2f} ms, "
+                        f"cost per task {profile['cost_per_task']:.6f} USD")
+    for column in ("task type", "runs", "success", "p50 ms", "p95 ms", f"tasks/s at {concurrency}", "cost USD"):
+        table.add_column(column)
+    for task_type, row in profile["task_types"].items():
+        table.add_row(task_type, str(row["runs"]), f"{row['success_rate']:.0%}",
+                      f"{row['latency_s_p50'] * 1000:.2f}" if row["latency_s_p50"] is not None else "-",
+                      f"{row['latency_s_p95'] * 1000:.2f}" if row["latency_s_p95"] is not None else "-",
+                      str(row["throughput_per_s"]), f"{row['cost_per_task'] or 0:.6f}")
+    console.print(table)
+    if profile["not_profiled"]:
+        console.print(f"not profiled (no benchmark inputs): {', '.join(profile['not_profiled'])}")
+
+
 @executor_app.command("run")
 def executor_run(
     type_: str = typer.Option(..., "--type", help="executor type: algorithmic, or cloudru (needs CLOUDRU_API_KEY)"),
@@ -627,6 +677,8 @@ def executor_run(
     executor_id: str = typer.Option(None, "--id", help="stable executor id (default: the name); the same id "
                                                        "after a restart resumes its leases"),
     capacity: int = typer.Option(1, "--capacity", help="attempts run at once, >= 1"),
+    profile_file: str = typer.Option("", "--profile-file", help="a profile from `executor profile --write`: "
+                                                                "registered as this executor's performance profile"),
     checkpoint_on_action: bool = typer.Option(True, "--checkpoint-on-action/--no-checkpoint-on-action",
                                               help="save a checkpoint after every action an adapter records"),
     checkpoint_interval_s: float = typer.Option(0.0, "--checkpoint-interval-s",
@@ -663,9 +715,19 @@ def executor_run(
         checkpoint_settings = CheckpointSettings(on_action=checkpoint_on_action, interval_s=checkpoint_interval_s)
     except ValueError as exc:
         fail(f"--checkpoint-interval-s: {exc}")
+    performance_profile = None
+    if profile_file:
+        try:
+            with open(profile_file) as f:
+                performance_profile = json.load(f)
+        except (OSError, ValueError) as exc:
+            fail(f"--profile-file: cannot read a JSON profile from {profile_file!r} ({exc})")
+        if not isinstance(performance_profile, dict):
+            fail(f"--profile-file: {profile_file!r} holds no JSON object")
     agent = ExecutorAgent(adapter, executor_id=executor_id or name, name=name, executor_type=type_,
                           capacity=capacity, prefetch=prefetch, endpoints=eps,
-                          heartbeat_interval_s=heartbeat_interval_s, checkpoint_settings=checkpoint_settings)
+                          heartbeat_interval_s=heartbeat_interval_s, checkpoint_settings=checkpoint_settings,
+                          performance_profile=performance_profile)
 
     async def main_async() -> None:
         stop = asyncio.Event()

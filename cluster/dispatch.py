@@ -138,6 +138,7 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._relay_channel: tuple[str, grpc.aio.Channel] | None = None
         self.assignments_proposed = 0
+        self._profiles: dict[str, dict[str, float]] = {}  # performance_profile_json -> scheduler figures
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -527,6 +528,26 @@ class Dispatcher:
         if items:
             await self._proposer.propose(cmd.mark_unschedulable(stamp, items))
 
+    def _profile_figures(self, profile_json: str) -> dict[str, float]:
+        """cost_per_task and latency_s_p50 from an executor's performance profile (what
+        `coordctl executor profile` measured, or what its adapter declared); parsed once per
+        distinct text, bounded by the number of registered executors."""
+        figures = self._profiles.get(profile_json)
+        if figures is None:
+            figures = {}
+            try:
+                profile = json.loads(profile_json) if profile_json else {}
+            except ValueError:
+                profile = {}
+            for name in ("cost_per_task", "latency_s_p50"):
+                value = profile.get(name) if isinstance(profile, dict) else None
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < float("inf"):
+                    figures[name] = float(value)
+            if len(self._profiles) >= self._limits.executors_max:
+                self._profiles.clear()
+            self._profiles[profile_json] = figures
+        return figures
+
     async def _schedule_round(self) -> int:
         stamp = now_ms()
         while self._delayed and self._delayed[0][0] <= stamp:
@@ -541,7 +562,8 @@ class Dispatcher:
             executors = tuple(
                 ExecutorView(id=r.id, type=r.type, task_types=frozenset(r.task_types), capacity=r.capacity,
                              load=len(self._fsm.executor_tasks.get(r.id, ())),
-                             success_rate=(r.tasks_completed + 1) / (r.tasks_completed + r.tasks_failed + 1))
+                             success_rate=(r.tasks_completed + 1) / (r.tasks_completed + r.tasks_failed + 1),
+                             **self._profile_figures(r.performance_profile_json))
                 for r in self._fsm.executors.values() if r.status == "online"
             )
         if not executors:

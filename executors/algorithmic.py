@@ -137,6 +137,17 @@ class AlgorithmicAdapter:
             resumable=True,  # `steps` resumes from its checkpoints; the other types keep none
         )
 
+    def profile_inputs(self) -> dict[str, list[Any]]:
+        """Small, cheap inputs per task type for `executors.profiling` (fanout needs a cluster)."""
+        return {
+            "echo": [{"hello": "world"}, list(range(50))],
+            "sleep": [{"ms": 5}],
+            "fail": [{"times": 0}],
+            "code_analysis": [{"source": "import os\n\ndef f(x):\n    try:\n        return x * 2\n    except:\n"
+                                         "        return None\n"}],
+            "steps": [{"steps": 5, "step_ms": 0}],
+        }
+
     async def get_status(self) -> dict[str, Any]:
         now_s = asyncio.get_running_loop().time()
         running = sorted(self._running.values(), key=lambda r: (r.task_id, r.attempt))

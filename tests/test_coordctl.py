@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -132,3 +133,32 @@ def test_node_run_refuses_without_secret(tmp_path) -> None:
         capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "COORD_CLUSTER_SECRET": ""},
     )
     assert result.returncode != 0 and "cluster secret: required" in result.stderr
+
+
+def test_executor_profile_is_registered_for_the_scheduler(data_dir, tmp_path) -> None:
+    profile_path = tmp_path / "profile.json"
+    profile = as_json(coordctl(data_dir, "executor", "profile", "--type", "algorithmic", "--repeats", "2",
+                               "--write", str(profile_path), "--output", "json"))
+    assert profile["task_types"]["sleep"]["latency_s_p50"] >= 0.005 and json.loads(profile_path.read_text()) == profile
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", "algorithmic", "--name", "profiled",
+         "--profile-file", str(profile_path)],
+        env={**os.environ, "COORDCTL_DATA_DIR": data_dir, "COORDCTL_ENDPOINTS": ""}, cwd=ROOT,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        registered = None
+        for _ in range(200):                                         # bounded: ~20 s
+            listed = as_json(coordctl(data_dir, "executor", "list", "--output", "json"))
+            registered = next((e for e in listed["executors"] if e["id"] == "profiled"), None)
+            if registered is not None:
+                break
+            time.sleep(0.1)
+        assert registered is not None, "the profiled executor never registered"
+        declared = json.loads(registered["performance_profile_json"])
+        assert declared["latency_s_p50"] == profile["latency_s_p50"] and declared["format"] == profile["format"]
+    finally:
+        agent.kill()
+        agent.wait(10)
+    bad = coordctl(data_dir, "executor", "run", "--type", "algorithmic", "--name", "x", "--profile-file",
+                   str(tmp_path / "missing.json"), expect=1)
+    assert "--profile-file" in bad.stderr
