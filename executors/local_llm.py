@@ -16,7 +16,8 @@ How a task is served:
         └ BalancedChatAPI.complete(request)               one call: tries each replica at most once
             pick: least outstanding requests; ties → round robin (deterministic)
             skip: cooling after Retry-After │ replica HealthCheck down │ replica breaker open
-            LoRA named and not loaded there → POST <endpoint>/load_lora_adapter (once per replica)
+            LoRA named and not loaded there → POST <endpoint>/load_lora_adapter (once per replica;
+                                              again once if the server answers 404 for it: restarted)
             OpenAIChatAPI(replica).complete               per-request timeout; stream closed on cancel
             TransientLLMError → record on the replica, try the next replica
           every replica skipped → EndpointDown at once (no call, no retry); some failed → the last
@@ -387,7 +388,8 @@ class Replica:
                 "breaker": self.breaker.snapshot(), "health": self.health.snapshot(),
                 "loras_loaded": sorted(self.loras_loaded),
                 "calls_total": self.counts["calls"], "failures_total": self.counts["failures"],
-                "skipped_total": self.counts["skipped"], "lora_loads_total": self.counts["lora_loads"]}
+                "skipped_total": self.counts["skipped"], "lora_loads_total": self.counts["lora_loads"],
+                "lora_reloads_total": self.counts["lora_reloads"]}
 
 
 class BalancedChatAPI:
@@ -451,8 +453,7 @@ class BalancedChatAPI:
             replica.outstanding += 1
             replica.counts["calls"] += 1
             try:
-                await self._ensure_lora(replica, request.model)
-                response = await replica.api.complete(request, timeout_s=timeout_s, on_text=on_text)
+                response = await self._call(replica, request, timeout_s, on_text)
             except TransientLLMError as exc:
                 replica.breaker.record_failure(exc)
                 replica.counts["failures"] += 1
@@ -486,6 +487,20 @@ class BalancedChatAPI:
             raise RateLimited(f"every replica asked to wait (Retry-After); the first is free in {min(cooling):.1f} s"
                               + (f"; others: {summary}" if why else ""), retry_after_s=max(0.0, min(cooling)))
         raise EndpointDown(f"all {len(self.replicas)} replicas are unavailable: {summary}")
+
+    async def _call(self, replica: Replica, request: ChatRequest, timeout_s: float,
+                    on_text: OnText | None) -> ChatResponse:
+        await self._ensure_lora(replica, request.model)
+        try:
+            return await replica.api.complete(request, timeout_s=timeout_s, on_text=on_text)
+        except RequestRejected as exc:
+            # A restarted vLLM forgot the adapters loaded at run time: 404 "model does not exist".
+            if exc.status != 404 or request.model not in replica.loras_loaded:
+                raise
+            replica.loras_loaded.discard(request.model)
+            replica.counts["lora_reloads"] += 1
+        await self._ensure_lora(replica, request.model)
+        return await replica.api.complete(request, timeout_s=timeout_s, on_text=on_text)
 
     async def _ensure_lora(self, replica: Replica, model: str) -> None:
         path = self._lora_paths.get(model)
