@@ -135,9 +135,17 @@ def _specialized_ml() -> ExecutorAdapter:
     return adapter
 
 
-# Executor type → adapter factory. local_llm arrives with the rest of issue 5.
+def _local_llm() -> ExecutorAdapter:
+    # vLLM (or any OpenAI-compatible) replicas from LOCAL_LLM_ENDPOINTS / LOCAL_LLM_MODEL / ...;
+    # a bad or missing value is a ValueError naming the variable.
+    from executors.local_llm import LocalLLMAdapter
+
+    return LocalLLMAdapter()
+
+
+# Executor type → adapter factory.
 ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {
-    "algorithmic": _algorithmic, "cloudru": _cloudru, "specialized_ml": _specialized_ml}
+    "algorithmic": _algorithmic, "cloudru": _cloudru, "local_llm": _local_llm, "specialized_ml": _specialized_ml}
 
 
 def build_adapter(executor_type: str) -> ExecutorAdapter:

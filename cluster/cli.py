@@ -672,7 +672,7 @@ def executor_profile(
 
 @executor_app.command("run")
 def executor_run(
-    type_: str = typer.Option(..., "--type", help="executor type: algorithmic, specialized_ml, or cloudru (needs CLOUDRU_API_KEY)"),
+    type_: str = typer.Option(..., "--type", help="executor type: algorithmic, specialized_ml, local_llm (LOCAL_LLM_ENDPOINTS, LOCAL_LLM_MODEL) or cloudru (CLOUDRU_API_KEY)"),
     name: str = typer.Option(..., "--name", help="executor name"),
     executor_id: str = typer.Option(None, "--id", help="stable executor id (default: the name); the same id "
                                                        "after a restart resumes its leases"),

@@ -22,12 +22,14 @@ class Executors:
         self.cluster = cluster
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, capacity: int = 4) -> subprocess.Popen:
+    def start(self, name: str, capacity: int = 4, *, executor_type: str = "algorithmic",
+              env: dict[str, str] | None = None) -> subprocess.Popen:
         log = open(os.path.join(self.cluster.data_dir, f"executor-{name}.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", "algorithmic", "--name", name,
+            [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", executor_type, "--name", name,
              "--capacity", str(capacity), "--endpoints", ",".join(self.cluster.endpoints)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         self.procs[name] = proc

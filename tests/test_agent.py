@@ -433,9 +433,9 @@ async def test_agent_keeps_retrying_while_no_node_is_up() -> None:
 
 def test_build_adapter_names_the_valid_types() -> None:
     assert isinstance(build_adapter("algorithmic"), AlgorithmicAdapter)
-    with pytest.raises(ValueError, match="valid types: algorithmic, cloudru, specialized_ml"):
+    with pytest.raises(ValueError, match="valid types: algorithmic, cloudru, local_llm, specialized_ml"):
         build_adapter("claude_opus")
-    assert sorted(ADAPTER_FACTORIES) == ["algorithmic", "cloudru", "specialized_ml"]
+    assert sorted(ADAPTER_FACTORIES) == ["algorithmic", "cloudru", "local_llm", "specialized_ml"]
     with pytest.raises(ValueError, match="CLOUDRU_API_KEY"):                # named, never shown
         with pytest.MonkeyPatch.context() as env:
             env.delenv("CLOUDRU_API_KEY", raising=False)

@@ -207,6 +207,10 @@ class LLMAdapter:
             resumable=False,
         )
 
+    def profile_inputs(self) -> dict[str, list[Any]]:
+        """For `coordctl executor profile`: one tiny chat (a paid endpoint spends a few tokens)."""
+        return {"chat": [{"prompt": "Say OK.", "max_tokens": 4}]}
+
     async def get_status(self) -> dict[str, Any]:
         now_s = self.clock.monotonic()
         running = sorted(self._running.values(), key=lambda r: (r.task_id, r.attempt))
