@@ -27,13 +27,12 @@ from typing import Any
 from coordinator.model import ExecutorCapabilities, ExecutorType
 from executors.base import (
     ExecutionContext,
-    ExecutorBusy,
     ExecutorResult,
     ExecutorTask,
     InvalidTaskInput,
     RetryableTaskError,
     TaskCancelled,
-    UnsupportedTaskType,
+    admit,
 )
 from executors.code_analysis import AnalysisLimits, analyze_source
 
@@ -97,13 +96,8 @@ class AlgorithmicAdapter:
     # -------------------------------------------------------------------------- the protocol
 
     async def execute(self, task: ExecutorTask, ctx: ExecutionContext) -> ExecutorResult:
-        handler = self._handlers.get(task.type)
-        if handler is None:
-            self._counts["rejected"] += 1
-            raise UnsupportedTaskType(task.type, list(self._handlers))
-        if len(self._running) >= self.limits.running_tasks_max:
-            self._counts["rejected"] += 1
-            raise ExecutorBusy(f"running tasks: at most {self.limits.running_tasks_max} at once (running_tasks_max)")
+        admit(task, self._handlers, len(self._running), self.limits.running_tasks_max, self._counts)
+        handler = self._handlers[task.type]
         loop = asyncio.get_running_loop()
         run_id = next(self._run_ids)
         run = _Run(task.task_id, task.attempt, task.type, loop.time())

@@ -129,6 +129,18 @@ class TaskCancelled(TaskError):
     code = "CANCELLED"
 
 
+def admit(task: ExecutorTask, supported: Mapping[str, Any] | Sequence[str], running: int, running_max: int,
+          counts: Any) -> None:
+    """The admission every adapter applies before running an attempt: a task type it runs, and
+    one of its `running_max` slots free. A refusal counts in counts["rejected"]."""
+    if task.type not in supported:
+        counts["rejected"] += 1
+        raise UnsupportedTaskType(task.type, list(supported))
+    if running >= running_max:
+        counts["rejected"] += 1
+        raise ExecutorBusy(f"running tasks: at most {running_max} at once (running_tasks_max)")
+
+
 def task_error_from(exc: BaseException) -> TaskError:
     """Map any exception that escaped `execute` into the tree above (the one place that does).
 

@@ -59,7 +59,6 @@ import jsonschema
 from coordinator.model import ExecutorCapabilities, ExecutorType
 from executors.base import (
     ExecutionContext,
-    ExecutorBusy,
     ExecutorResult,
     ExecutorTask,
     InvalidTaskInput,
@@ -67,7 +66,7 @@ from executors.base import (
     RetryableTaskError,
     TaskCancelled,
     TaskError,
-    UnsupportedTaskType,
+    admit,
 )
 
 SCHEMA_MESSAGE_CHARS_MAX = 300      # a schema error's message is cut here (it may quote the input)
@@ -232,13 +231,8 @@ class SpecializedMLAdapter:
     # -------------------------------------------------------------------------- the protocol
 
     async def execute(self, task: ExecutorTask, ctx: ExecutionContext) -> ExecutorResult:
-        spec = self._specs.get(task.type)
-        if spec is None:
-            self._counts["rejected"] += 1
-            raise UnsupportedTaskType(task.type, list(self._specs))
-        if len(self._running) >= self.limits.running_tasks_max:
-            self._counts["rejected"] += 1
-            raise ExecutorBusy(f"running tasks: at most {self.limits.running_tasks_max} at once (running_tasks_max)")
+        admit(task, self._specs, len(self._running), self.limits.running_tasks_max, self._counts)
+        spec = self._specs[task.type]
         loop = asyncio.get_running_loop()
         run_id = next(self._run_ids)
         run = _Run(task.task_id, task.attempt, task.type, loop.time())

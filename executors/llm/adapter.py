@@ -30,13 +30,12 @@ from typing import Any
 from coordinator.model import ExecutorCapabilities, ExecutorType
 from executors.base import (
     ExecutionContext,
-    ExecutorBusy,
     ExecutorResult,
     ExecutorTask,
     InvalidTaskInput,
     TaskCancelled,
     TaskError,
-    UnsupportedTaskType,
+    admit,
 )
 from executors.llm.accounting import PriceTable, TaskAccount, Usage, UsageLedger
 from executors.llm.cache import CacheLimits, ResponseCache, cache_key
@@ -163,13 +162,8 @@ class LLMAdapter:
     # ------------------------------------------------------------------------------ the protocol
 
     async def execute(self, task: ExecutorTask, ctx: ExecutionContext) -> ExecutorResult:
-        handler = self._handlers.get(task.type)
-        if handler is None:
-            self._counts["rejected"] += 1
-            raise UnsupportedTaskType(task.type, list(self._handlers))
-        if len(self._running) >= self.settings.running_tasks_max:
-            self._counts["rejected"] += 1
-            raise ExecutorBusy(f"running tasks: at most {self.settings.running_tasks_max} at once (running_tasks_max)")
+        admit(task, self._handlers, len(self._running), self.settings.running_tasks_max, self._counts)
+        handler = self._handlers[task.type]
         run_id = next(self._run_ids)
         run = _Run(task.task_id, task.attempt, task.type, self.clock.monotonic(), self.settings.tries_recorded_max)
         self._running[run_id] = run
