@@ -24,7 +24,7 @@ from executors.llm.errors import (
     ServerError,
 )
 from executors.llm.fake import FakeChatAPI, Reply
-from executors.llm.resilience import BreakerPolicy, FakeClock, RetryPolicy
+from executors.llm.resilience import BreakerPolicy, FakeClock
 from executors.llm.secrets import Secret
 from executors.local_llm import (
     LOCAL_LLM_ENDPOINTS_ENV,
