@@ -94,6 +94,7 @@ class AgentLimits:
     shutdown_flush_s: float = 2.0               # then this long for the outbox to be acked
     progress_reports_max: int = 100             # progress reports kept per running attempt
     progress_report_interval_s: float = 1.0     # at most one progress report per attempt this often
+    cost_refresh_interval_s: float = 60.0       # re-register a changed measured cost per task this often
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -412,6 +413,7 @@ class ExecutorAgent:
         """Connect, run assignments, reconnect on failure; return once `stop` is set and the
         shutdown (cancel running attempts, flush reports for a bounded time, close) is done."""
         connection = asyncio.create_task(self._connection_loop(), name=f"agent-{self.executor_id}-connection")
+        refresher = asyncio.create_task(self._cost_refresh_loop(), name=f"agent-{self.executor_id}-cost")
         stopper = asyncio.create_task(stop.wait())
         try:
             done, _ = await asyncio.wait({connection, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -421,7 +423,8 @@ class ExecutorAgent:
         finally:
             stopper.cancel()
             connection.cancel()
-            await asyncio.gather(connection, stopper, return_exceptions=True)
+            refresher.cancel()
+            await asyncio.gather(connection, stopper, refresher, return_exceptions=True)
             # Attempts still alive here ignored two cancellations; do not wait for them forever.
             for running in list(self._running.values()):
                 if running.task is not None:
@@ -432,6 +435,30 @@ class ExecutorAgent:
                 await channel.close(grace=None)
             self._unary_channels.clear()
             log.info("executor %s stopped", self.executor_id)
+
+    async def refresh_cost(self) -> bool:
+        """Re-register when the adapter's measured cost per task (token accounting: an LLM
+        adapter's `get_status()["usage"]["cost_per_task_usd"]`) moved, so the scheduler's
+        cost-optimized matching works from live figures. True when it re-registered."""
+        status = await self.adapter.get_status()
+        usage = status.get("usage") if isinstance(status, Mapping) else None
+        cost = usage.get("cost_per_task_usd") if isinstance(usage, Mapping) else None
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not 0 <= cost < float("inf"):
+            return False
+        if self.performance_profile.get("cost_per_task") == cost:
+            return False
+        self.performance_profile["cost_per_task"] = cost
+        self._spec = self._build_spec()     # a reconnect's hello carries it too
+        await self.unary("RegisterExecutor", pb.RegisterExecutorRequest(executor=self._spec))
+        return True
+
+    async def _cost_refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.limits.cost_refresh_interval_s)
+            try:
+                await self.refresh_cost()
+            except Exception as exc:        # noqa: BLE001 — a later round tries again
+                log.info("executor %s: cost refresh failed: %s", self.executor_id, exc)
 
     async def wait_connected(self, timeout_s: float) -> bool:
         try:

@@ -83,8 +83,13 @@ class FakeCoordinator(pb_grpc.CoordinatorServicer):
         self.ack_policy = ack
         self.on_hello = on_hello
         self.streams: list[FakeStream] = []
+        self.registrations: list[pb.ExecutorSpec] = []
         self.server: grpc.aio.Server | None = None
         self.endpoint = ""
+
+    async def RegisterExecutor(self, request, context):  # noqa: N802 — the gRPC name
+        self.registrations.append(request.executor)
+        return pb.RegisterExecutorResponse(executor_id=request.executor.id, index=len(self.registrations))
 
     # all streams' messages, in arrival order per stream
     @property
@@ -451,11 +456,14 @@ async def _coordctl(*args: str) -> asyncio.subprocess.Process:
         stderr=asyncio.subprocess.PIPE, env={**os.environ, "COORDCTL_ENDPOINTS": ""})
 
 
-async def test_cli_unknown_type_is_a_clear_error() -> None:
-    proc = await _coordctl("executor", "run", "--type", "local_llm", "--name", "x", "--endpoints", "127.0.0.1:1")
+async def test_cli_unknown_type_or_missing_config_is_a_clear_error() -> None:
+    proc = await _coordctl("executor", "run", "--type", "claude_opus", "--name", "x", "--endpoints", "127.0.0.1:1")
     stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1
-    assert "'local_llm' has no adapter; valid types: algorithmic" in stderr.decode()
+    assert "'claude_opus' has no adapter; valid types: algorithmic, cloudru, local_llm" in stderr.decode()
+    proc = await _coordctl("executor", "run", "--type", "local_llm", "--name", "x", "--endpoints", "127.0.0.1:1")
+    stdout, stderr = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and "LOCAL_LLM_MODEL is not set" in stderr.decode()
 
 
 async def test_cli_executor_run_serves_until_sigterm() -> None:
@@ -532,3 +540,26 @@ async def test_progress_is_sent_at_most_once_per_interval_latest_value_first_aft
             assert all(p.attempt == 1 and p.message.startswith("step ") for p in progress)
             assert node.reports("progress", "quick") == []
             assert agent.status()["progress_reports_sent_total"] == len(progress)
+
+
+class PricedAdapter(CountingAdapter):
+    """Reports a measured cost per task the way the LLM adapters' ledger does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cost_per_task_usd: float | None = None
+
+    async def get_status(self) -> dict[str, Any]:
+        return {**await self.inner.get_status(), "usage": {"cost_per_task_usd": self.cost_per_task_usd}}
+
+
+async def test_a_changed_measured_cost_is_re_registered_for_the_scheduler() -> None:
+    adapter = PricedAdapter()
+    async with fake_nodes(FakeCoordinator("n1")) as (node,):
+        async with running_agent([node.endpoint], adapter=adapter) as agent:
+            await eventually(lambda: node.streams, what="hello")
+            assert not await agent.refresh_cost() and node.registrations == []     # nothing measured yet
+            adapter.cost_per_task_usd = 0.0042
+            assert await agent.refresh_cost()
+            assert json.loads(node.registrations[-1].performance_profile_json)["cost_per_task"] == 0.0042
+            assert not await agent.refresh_cost() and len(node.registrations) == 1  # unchanged: no re-register
