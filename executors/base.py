@@ -141,6 +141,24 @@ def admit(task: ExecutorTask, supported: Mapping[str, Any] | Sequence[str], runn
         raise ExecutorBusy(f"running tasks: at most {running_max} at once (running_tasks_max)")
 
 
+def run_status(runs: Any, now_s: float, running_max: int, counts: Any, **extra_per_run: str) -> dict[str, Any]:
+    """The part of `get_status()` every adapter reports: its running attempts (objects with
+    task_id, attempt, type, started_s and a `cancel_requested` asyncio.Event; `extra_per_run`
+    maps more output keys to attribute names) and its outcome counters."""
+    running = sorted(runs, key=lambda r: (r.task_id, r.attempt))
+    return {
+        "running_task_ids": sorted({r.task_id for r in running}),
+        "running": [{"task_id": r.task_id, "attempt": r.attempt, "type": r.type,
+                     "running_s": round(now_s - r.started_s, 6),
+                     **{key: getattr(r, name) for key, name in extra_per_run.items()},
+                     "cancel_requested": r.cancel_requested.is_set()} for r in running],
+        "running_total": len(running),
+        "running_tasks_max": running_max,
+        **{f"tasks_{outcome}_total": counts[outcome]
+           for outcome in ("started", "succeeded", "failed", "cancelled", "rejected")},
+    }
+
+
 def task_error_from(exc: BaseException) -> TaskError:
     """Map any exception that escaped `execute` into the tree above (the one place that does).
 

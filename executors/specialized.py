@@ -67,6 +67,7 @@ from executors.base import (
     TaskCancelled,
     TaskError,
     admit,
+    run_status,
 )
 
 SCHEMA_MESSAGE_CHARS_MAX = 300      # a schema error's message is cut here (it may quote the input)
@@ -274,23 +275,12 @@ class SpecializedMLAdapter:
 
     async def get_status(self) -> dict[str, Any]:
         now_s = asyncio.get_running_loop().time()
-        running = sorted(self._running.values(), key=lambda r: (r.task_id, r.attempt))
         return {
             "executor_type": self.executor_type.value,
-            "running_task_ids": sorted({r.task_id for r in running}),
-            "running": [{"task_id": r.task_id, "attempt": r.attempt, "type": r.type,
-                         "running_s": round(now_s - r.started_s, 6), "batch": r.batch,
-                         "batches_total": r.batches_total,
-                         "cancel_requested": r.cancel_requested.is_set()} for r in running],
-            "running_total": len(running),
-            "running_tasks_max": self.limits.running_tasks_max,
+            **run_status(self._running.values(), now_s, self.limits.running_tasks_max, self._counts,
+                         batch="batch", batches_total="batches_total"),
             "inferences_running": self._inferences_running,
             "inferences_concurrent_max": self.limits.inferences_concurrent_max,
-            "tasks_started_total": self._counts["started"],
-            "tasks_succeeded_total": self._counts["succeeded"],
-            "tasks_failed_total": self._counts["failed"],
-            "tasks_cancelled_total": self._counts["cancelled"],
-            "tasks_rejected_total": self._counts["rejected"],
             "tasks_started_by_type": dict(sorted(self._started_by_type.items())),
             "models": {t: dict(s.status()) if s.status else {} for t, s in sorted(self._specs.items())},
         }

@@ -36,6 +36,7 @@ from executors.base import (
     TaskCancelled,
     TaskError,
     admit,
+    run_status,
 )
 from executors.llm.accounting import PriceTable, TaskAccount, Usage, UsageLedger
 from executors.llm.cache import CacheLimits, ResponseCache, cache_key
@@ -206,23 +207,12 @@ class LLMAdapter:
         return {"chat": [{"prompt": "Say OK.", "max_tokens": 4}]}
 
     async def get_status(self) -> dict[str, Any]:
-        now_s = self.clock.monotonic()
-        running = sorted(self._running.values(), key=lambda r: (r.task_id, r.attempt))
         return {
             "executor_type": self.executor_type.value,
             "endpoint": self.api.endpoint,
             "tiers": dict(self.tiers),
-            "running_task_ids": sorted({r.task_id for r in running}),
-            "running": [{"task_id": r.task_id, "attempt": r.attempt, "type": r.type,
-                         "running_s": round(now_s - r.started_s, 6),
-                         "cancel_requested": r.cancel_requested.is_set()} for r in running],
-            "running_total": len(running),
-            "running_tasks_max": self.settings.running_tasks_max,
-            "tasks_started_total": self._counts["started"],
-            "tasks_succeeded_total": self._counts["succeeded"],
-            "tasks_failed_total": self._counts["failed"],
-            "tasks_cancelled_total": self._counts["cancelled"],
-            "tasks_rejected_total": self._counts["rejected"],
+            **run_status(self._running.values(), self.clock.monotonic(), self.settings.running_tasks_max,
+                         self._counts),
             "usage": self.ledger.snapshot(),
             "resilience": self.resilience.snapshot(),
             "health": self.health.snapshot(),
