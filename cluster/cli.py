@@ -36,6 +36,7 @@ dag_app = typer.Typer(help="Submit DAGs of tasks from YAML or JSON files.", no_a
 events_app = typer.Typer(help="Stream committed domain events.", no_args_is_help=True)
 executor_app = typer.Typer(help="Inspect executors.", no_args_is_help=True)
 checkpoint_app = typer.Typer(help="Inspect task checkpoints.", no_args_is_help=True)
+certs_app = typer.Typer(help="The cluster CA and its certificates (for mTLS).", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(node_app, name="node")
 app.add_typer(task_app, name="task")
@@ -43,6 +44,7 @@ app.add_typer(dag_app, name="dag")
 app.add_typer(events_app, name="events")
 app.add_typer(executor_app, name="executor")
 app.add_typer(checkpoint_app, name="checkpoint")
+app.add_typer(certs_app, name="certs")
 
 # Piped output keeps full columns instead of the 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -553,6 +555,64 @@ def executor_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, out
         table.add_row(e.id, e.type, ",".join(e.supported_task_types), f"{e.load}/{e.capacity}", e.status, heartbeat,
                       str(e.tasks_completed), str(e.tasks_failed), success, fmt_ms(e.registered_at_unix_ms))
     console.print(table)
+
+
+# ---------------------------------------------------------------------------------- certs
+def _certs_dir(data_dir: str | None) -> str:
+    return os.path.join(data_dir or default_data_dir(), "certs")
+
+
+def _issued_rows(issued: list) -> list[dict[str, Any]]:
+    return [{"name": c.name, "role": c.role, "cert": str(c.cert_path), "key": str(c.key_path),
+             "not_after": c.not_after.isoformat(timespec="seconds")} for c in issued]
+
+
+@certs_app.command("init")
+def certs_init(
+    nodes: str = typer.Option("n1,n2,n3", "--nodes", help="comma-separated node ids"),
+    host: list[str] = typer.Option([], "--host", help="extra host name or IP in the nodes' certificates (repeatable)"),
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Create the cluster CA in DATA_DIR/certs and certificates for each node, the CLI and the MCP
+    bridge (ECDSA P-256; SANs localhost, 127.0.0.1 and --host; keys 0600). The API does not use
+    them yet: mTLS wiring is the rest of the security issue."""
+    from security.certs import CertError, init_cluster
+
+    node_ids = [n.strip() for n in nodes.split(",") if n.strip()]
+    try:
+        issued = init_cluster(_certs_dir(data_dir), node_ids, hosts=list(host))
+    except CertError as exc:
+        fail(str(exc))
+    rows = _issued_rows(issued)
+    if output == Output.json:
+        emit_json({"certs_dir": _certs_dir(data_dir), "issued": rows})
+        return
+    for row in rows:
+        console.print(f"{row['role']:8} {row['name']:10} {row['cert']} (until {row['not_after']})")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    name: str = typer.Option(..., "--name", help="the identity: a node id, an executor id, cli or bridge"),
+    role: str = typer.Option(..., "--role", help="node | executor | cli | bridge"),
+    host: list[str] = typer.Option([], "--host", help="extra host name or IP (repeatable)"),
+    days: int = typer.Option(90, "--days", help="lifetime in days (1..3650)"),
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """A new key and certificate signed by the cluster CA; over an existing name it rotates it."""
+    from security.certs import CertError, CertSettings, issue
+
+    try:
+        issued = issue(_certs_dir(data_dir), name, role, hosts=list(host), settings=CertSettings(leaf_lifetime_days=days))
+    except CertError as exc:
+        fail(str(exc).replace("CertSettings.leaf_lifetime_days", "--days"))
+    row = _issued_rows([issued])[0]
+    if output == Output.json:
+        emit_json(row)
+    else:
+        console.print(f"{row['role']} {row['name']}: {row['cert']} (until {row['not_after']})")
 
 
 # ---------------------------------------------------------------------------------- checkpoints
