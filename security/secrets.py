@@ -1,0 +1,219 @@
+"""Envelope-encrypted secrets (issue 6): each secret is encrypted with its own random data key
+(AES-256-GCM), and the data key is wrapped by a key-encryption key (KEK, AES-256-GCM too) that
+lives outside the store — in a file or an environment variable. Rotating the KEK re-wraps the
+data keys; the secrets' ciphertexts stay as they are.
+
+    store = SecretStore(path, kek=load_kek(env=os.environ, kek_file=...))
+    store.put("cloudru_api_key", value)        # value never written in plaintext
+    store.get("cloudru_api_key")               # -> str
+    store.rotate(new_kek)                      # re-wraps every data key under the new KEK
+
+The file (JSON, written atomically, 0600) holds per secret: the KEK id that wrapped its data key,
+the wrapped data key and its nonce, the ciphertext and its nonce, and the secret's name bound in
+as associated data (a ciphertext moved to another name does not decrypt). Nothing in it, in an
+error or in a repr is plaintext. `mask` is the log filter's rule: anything that looks like a token
+or key is replaced.
+
+Not built yet (issue 6 continues): keeping the store in replicated state, and reading API keys
+from it in the adapters (they read the environment today).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEK_ENV = "COORD_SECRETS_KEK"           # base64 of 32 bytes
+KEK_BYTES = 32
+NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+SECRET_BYTES_MAX = 64 * 1024
+SECRETS_MAX = 1024
+STORE_FORMAT = "agent-coordinator-secrets-v1"
+
+
+class SecretError(Exception):
+    """A bad name or value, a missing or wrong KEK, or a store that does not decrypt."""
+
+
+@dataclass(frozen=True)
+class Kek:
+    key: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.key) != KEK_BYTES:
+            raise SecretError(f"KEK: {KEK_BYTES} bytes, got {len(self.key)}")
+
+    @property
+    def kek_id(self) -> str:
+        """Names the KEK without revealing it (a hash of it)."""
+        return hashlib.sha256(b"kek-id:" + self.key).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"Kek(id={self.kek_id})"
+
+    @classmethod
+    def generate(cls) -> Kek:
+        return cls(AESGCM.generate_key(bit_length=256))
+
+    def encoded(self) -> str:
+        return base64.b64encode(self.key).decode()
+
+
+def load_kek(*, env: Mapping[str, str] | None = None, kek_file: str | Path | None = None) -> Kek:
+    """The KEK from `kek_file` (base64, one line) or else the environment variable COORD_SECRETS_KEK."""
+    env = os.environ if env is None else env
+    if kek_file is not None:
+        try:
+            text = Path(kek_file).read_text().strip()
+        except OSError as exc:
+            raise SecretError(f"kek_file: cannot read {kek_file} ({exc.strerror})") from None
+        where = f"kek_file {kek_file}"
+    elif env.get(KEK_ENV):
+        text, where = env[KEK_ENV].strip(), KEK_ENV
+    else:
+        raise SecretError(f"no key-encryption key: set {KEK_ENV} or give a KEK file")
+    try:
+        return Kek(base64.b64decode(text, validate=True))
+    except (ValueError, SecretError):
+        raise SecretError(f"{where}: base64 of {KEK_BYTES} bytes expected") from None
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+class SecretStore:
+    def __init__(self, path: str | Path, *, kek: Kek) -> None:
+        self.path = Path(path)
+        self.kek = kek
+        self._entries: dict[str, dict[str, str]] = self._load()
+
+    def __repr__(self) -> str:
+        return f"SecretStore({self.path}, {len(self._entries)} secrets, kek={self.kek.kek_id})"
+
+    # ------------------------------------------------------------------------------ reading
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> str:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise SecretError(f"secret {name!r}: not in the store")
+        if entry["kek_id"] != self.kek.kek_id:
+            raise SecretError(f"secret {name!r}: wrapped by KEK {entry['kek_id']}, not by the loaded {self.kek.kek_id}")
+        try:
+            data_key = AESGCM(self.kek.key).decrypt(_unb64(entry["key_nonce"]), _unb64(entry["wrapped_key"]),
+                                                    name.encode())
+            value = AESGCM(data_key).decrypt(_unb64(entry["nonce"]), _unb64(entry["ciphertext"]), name.encode())
+        except (InvalidTag, ValueError):
+            raise SecretError(f"secret {name!r}: does not decrypt (tampered, or moved from another name)") from None
+        return value.decode()
+
+    # ------------------------------------------------------------------------------ writing
+    def put(self, name: str, value: str) -> None:
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise SecretError("name: 1..128 chars of [A-Za-z0-9_.-]")
+        if not isinstance(value, str) or not value:
+            raise SecretError(f"secret {name!r}: a non-empty string")
+        raw = value.encode()
+        if len(raw) > SECRET_BYTES_MAX:
+            raise SecretError(f"secret {name!r}: at most {SECRET_BYTES_MAX} bytes (SECRET_BYTES_MAX), got {len(raw)}")
+        if name not in self._entries and len(self._entries) >= SECRETS_MAX:
+            raise SecretError(f"store: at most {SECRETS_MAX} secrets (SECRETS_MAX)")
+        data_key = AESGCM.generate_key(bit_length=256)
+        nonce, key_nonce = os.urandom(12), os.urandom(12)
+        self._entries[name] = {
+            "kek_id": self.kek.kek_id,
+            "key_nonce": _b64(key_nonce),
+            "wrapped_key": _b64(AESGCM(self.kek.key).encrypt(key_nonce, data_key, name.encode())),
+            "nonce": _b64(nonce),
+            "ciphertext": _b64(AESGCM(data_key).encrypt(nonce, raw, name.encode())),
+        }
+        self._save()
+
+    def delete(self, name: str) -> bool:
+        existed = self._entries.pop(name, None) is not None
+        if existed:
+            self._save()
+        return existed
+
+    def rotate(self, new_kek: Kek) -> int:
+        """Re-wrap every data key under `new_kek` (all or nothing); returns how many."""
+        rewrapped: dict[str, dict[str, str]] = {}
+        for name, entry in self._entries.items():
+            if entry["kek_id"] != self.kek.kek_id:
+                raise SecretError(f"secret {name!r}: wrapped by KEK {entry['kek_id']}, not by the loaded {self.kek.kek_id}")
+            try:
+                data_key = AESGCM(self.kek.key).decrypt(_unb64(entry["key_nonce"]), _unb64(entry["wrapped_key"]),
+                                                        name.encode())
+            except (InvalidTag, ValueError):
+                raise SecretError(f"secret {name!r}: its data key does not unwrap; nothing was rotated") from None
+            key_nonce = os.urandom(12)
+            rewrapped[name] = {**entry, "kek_id": new_kek.kek_id, "key_nonce": _b64(key_nonce),
+                               "wrapped_key": _b64(AESGCM(new_kek.key).encrypt(key_nonce, data_key, name.encode()))}
+        self._entries, self.kek = rewrapped, new_kek
+        self._save()
+        return len(rewrapped)
+
+    # ------------------------------------------------------------------------------ the file
+    def _load(self) -> dict[str, dict[str, str]]:
+        if not self.path.exists():
+            return {}
+        try:
+            document = json.loads(self.path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SecretError(f"{self.path}: not a secrets file ({exc})") from None
+        if not isinstance(document, dict) or document.get("format") != STORE_FORMAT:
+            raise SecretError(f"{self.path}: not a {STORE_FORMAT} file")
+        return dict(document.get("secrets", {}))
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"format": STORE_FORMAT, "secrets": self._entries}, f, sort_keys=True, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+# Bearer tokens, JWTs, "sk-…" style API keys, long hex or base64 runs after key=/token=/secret=.
+_SECRET_PATTERNS = [
+    re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}"),
+    re.compile(r"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    re.compile(r"\bsk-[A-Za-z0-9_-]{8,}"),
+    re.compile(r"(?i)((?:api[_-]?key|token|secret|password|kek)\s*[=:]\s*)[^\s,;\"']{6,}"),
+]
+
+
+def mask(text: str) -> str:
+    """`text` with anything that looks like a token or key replaced by ***."""
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub(lambda m: (m.group(1) if m.groups() else "") + "***", text)
+    return text
+
+
+class MaskingFilter(logging.Filter):
+    """A logging filter that masks secrets in every record's message (add it to handlers)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        masked = mask(message)
+        if masked != message:
+            record.msg, record.args = masked, None
+        return True
