@@ -240,6 +240,26 @@ def test_power_loss_of_the_whole_cluster(make_cluster) -> None:
     assert_exactly_once_everywhere(cluster, submitter.acked)
 
 
+def _process_report(pid: int, log_path: str) -> str:
+    """What a process that should have exited is doing (for a failure message): its state, where
+    each thread waits in the kernel, and the end of its log."""
+    parts = []
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            parts.append(next(line.strip() for line in f if line.startswith("State:")))
+        for task in sorted(os.listdir(f"/proc/{pid}/task"))[:16]:
+            with open(f"/proc/{pid}/task/{task}/wchan") as f:
+                parts.append(f"thread {task} waits in {f.read().strip() or '-'}")
+    except OSError as exc:
+        parts.append(f"/proc: {exc}")
+    try:
+        with open(log_path) as f:
+            parts.append("log tail: " + " | ".join(f.read().splitlines()[-5:]))
+    except OSError as exc:
+        parts.append(f"log: {exc}")
+    return "; ".join(parts)
+
+
 def test_corrupt_snapshot_is_refused_and_node_can_be_rebuilt(make_cluster) -> None:
     cluster = make_cluster(3, extra_args=["--log-compaction-min-entries", "10"])
     submitter = Submitter(cluster.endpoints)
@@ -265,7 +285,8 @@ def test_corrupt_snapshot_is_refused_and_node_can_be_rebuilt(make_cluster) -> No
     deadline = time.monotonic() + 20
     while pid_alive(victim.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(victim.pid), "a node must refuse to start on a corrupt snapshot"
+    assert not pid_alive(victim.pid), ("a node must refuse to start on a corrupt snapshot; still running: "
+                                       + _process_report(victim.pid, os.path.join(victim.data_dir, "node.log")))
     with open(os.path.join(victim.data_dir, "node.log")) as f:
         assert "SnapshotCorrupt" in f.read()
     # The operator's remedy: wipe the node's data; it rejoins and receives a snapshot.
