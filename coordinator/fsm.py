@@ -493,15 +493,23 @@ class CoordinatorFSM:
             return self._mark_started(index, record, command["now"])
         return record
 
-    def _apply_complete_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+    def _end_attempt(self, index: int, command: dict[str, Any], completed: bool) -> tuple[TaskRecord | None, ApplyResult | None]:
+        """What ending an attempt (COMPLETE or FAIL) starts with: the fencing check, the start a
+        terminal report may stand for, the executor's slot back and its outcome counted."""
         record, error = self._fenced(command)
         if error is not None:
-            return error
+            return None, error
         record = self._implied_start(index, record, command)
+        self._release_slot(record)
+        self._count_outcome(record.assigned_executor, completed=completed)
+        return record, None
+
+    def _apply_complete_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        record, error = self._end_attempt(index, command, completed=True)
+        if error is not None:
+            return error
         now_ms = command["now"]
         executor_id = record.assigned_executor
-        self._release_slot(record)
-        self._count_outcome(executor_id, completed=True)
         history = self._history(record, "completed", "", now_ms)
         self._set_status(record, "completed", now_ms, result_json=command["result"], error="", history=history)
         self._events.append(self._event(index, "TaskCompleted", record.id, executor_id, now_ms,
@@ -512,14 +520,11 @@ class CoordinatorFSM:
         return ApplyResult(True, {"id": record.id, "index": index})
 
     def _apply_fail_task(self, index: int, command: dict[str, Any]) -> ApplyResult:
-        record, error = self._fenced(command)
+        record, error = self._end_attempt(index, command, completed=False)
         if error is not None:
             return error
-        record = self._implied_start(index, record, command)
         now_ms = command["now"]
         executor_id = record.assigned_executor
-        self._release_slot(record)
-        self._count_outcome(executor_id, completed=False)
         history = self._history(record, "failed", command["error"], now_ms)
         retry = command["retryable"] and record.attempt < record.max_attempts
         if retry:
