@@ -171,20 +171,21 @@ def bytes_growing_agent(checkpoints: int = 200, step_bytes: int = 600) -> tuple[
 
 async def main_async(args: argparse.Namespace) -> str:
     from cluster.agent import ExecutorAgent
-    from cluster.client import CoordinatorClient
 
     lines: list[str] = []
     started = time.monotonic()
     with OurCluster() as cluster:
         adapter = BenchAdapter()
         agent = ExecutorAgent(adapter, executor_id="ckpt-bench", name="ckpt-bench", executor_type="algorithmic",
-                              capacity=args.concurrency, endpoints=[cluster.endpoints[0]])
+                              capacity=args.concurrency, endpoints=[cluster.endpoints[0]],
+                              credentials=cluster.credentials(cert_name="executor", subject="executor:ckpt-bench",
+                                                              roles=("agent:executor",)))
         adapter.agent = agent
         stop = asyncio.Event()
         running = asyncio.create_task(agent.run(stop))
         try:
             await agent.wait_connected(30)
-            with CoordinatorClient(cluster.endpoints) as client:
+            with cluster.client(cluster.endpoints) as client:
                 lines.append("### (w) Write latency, one save at a time, and throughput with "
                              f"{args.concurrency} attempts saving at once\n")
                 lines.append("| state | mode | saves | p50 ms | p99 ms | saves/s (1 writer) | fulls / deltas | "

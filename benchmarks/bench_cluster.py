@@ -578,10 +578,9 @@ def run_load_and_restart(tasks: int = 100_000, *, dag_tasks: int = DAG_TASKS_DEF
         # entries base64-encoded, so when they are 1000-task DAG entries (~80 KB each) the header
         # exceeds wal.snapshot's 64 KiB header_bytes_max and every snapshot attempt fails (retried every
         # tick). A few single-task entries on top make the last two entries small.
-        from cluster.client import CoordinatorClient
         from proto import coordinator_pb2 as pb
 
-        with CoordinatorClient(cl.endpoints) as client:
+        with cl.client(cl.endpoints) as client:
             for i in range(3):
                 client.submit_task(pb.TaskSpec(type="bench", name="tail"), idempotency_key=f"tail-{os.getpid()}-{i}")
         snap = Path(cl.node(follower).data_dir) / "snapshot.bin"

@@ -409,10 +409,9 @@ class OurDispatchCluster:
         return self
 
     def _wait_executors(self, timeout_s: float) -> None:
-        from cluster.client import CoordinatorClient
 
         deadline = time.monotonic() + timeout_s
-        with CoordinatorClient(self.cl.endpoints) as client:
+        with self.cl.client(self.cl.endpoints) as client:
             while time.monotonic() < deadline:
                 online = [e for e in client.call("ListExecutors", _pb().ListExecutorsRequest()).executors
                           if e.status == "online" and e.name.startswith("bench-e")]
@@ -451,10 +450,9 @@ class OurDispatchCluster:
         return [p.pid for p in self.agents]
 
     def completed_count(self) -> int:
-        from cluster.client import CoordinatorClient
 
         pb = _pb()
-        with CoordinatorClient(self.cl.endpoints) as client:
+        with self.cl.client(self.cl.endpoints) as client:
             leader = self.cl.leader()
             client._preferred = self.cl.endpoints.index(self.cl.node(leader).grpc_address)
             return client.list_tasks(status=["completed"], type="echo", limit=1,

@@ -48,6 +48,7 @@ from typing import Any
 
 import grpc
 
+from cluster.credentials import ClientCredentials
 from executors.base import (
     ExecutorAdapter,
     ExecutorResult,
@@ -331,7 +332,8 @@ class ExecutorAgent:
     """Runs `adapter` as executor `executor_id`, connected to one of `endpoints` at a time.
 
         agent = ExecutorAgent(AlgorithmicAdapter(), executor_id="w1", name="w1",
-                              executor_type="algorithmic", capacity=4, endpoints=["127.0.0.1:7001"])
+                              executor_type="algorithmic", capacity=4, endpoints=["127.0.0.1:7001"],
+                              credentials=cluster.credentials(cert_name="executor", roles=("agent:executor",)))
         stop = asyncio.Event()
         await agent.run(stop)          # returns after stop is set and shutdown finished
     """
@@ -345,6 +347,7 @@ class ExecutorAgent:
         executor_type: str,
         capacity: int,
         endpoints: Sequence[str],
+        credentials: ClientCredentials,
         prefetch: int = 0,
         checkpoint_settings: CheckpointSettings | None = None,
         performance_profile: Mapping[str, Any] | None = None,
@@ -374,6 +377,10 @@ class ExecutorAgent:
         # scheduler's matching score works from measurements.
         self.performance_profile = dict(performance_profile or {})
         self.endpoints = list(endpoints)
+        # mTLS + a token on every call (ClientCredentials.insecure() only for --insecure-dev).
+        # A stream opened with a token that then expires is ended by the node; the reconnect
+        # presents a fresh one.
+        self.credentials = credentials
         self.limits = limits or AgentLimits()
         self.default_heartbeat_interval_s = heartbeat_interval_s
         self.metadata = dict(metadata or {})
@@ -477,9 +484,10 @@ class ExecutorAgent:
             endpoint = self._connected_endpoint or self.endpoints[attempt % len(self.endpoints)]
             channel = self._unary_channels.get(endpoint)
             if channel is None:
-                channel = self._unary_channels[endpoint] = grpc.aio.insecure_channel(endpoint, options=self.channel_options)
+                channel = self._unary_channels[endpoint] = self.credentials.aio_channel(endpoint, self.channel_options)
             try:
-                return await getattr(pb_grpc.CoordinatorStub(channel), method)(request, timeout=timeout_s)
+                return await getattr(pb_grpc.CoordinatorStub(channel), method)(
+                    request, timeout=timeout_s, metadata=self.credentials.metadata())
             except grpc.aio.AioRpcError as exc:
                 last = exc
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -578,10 +586,10 @@ class ExecutorAgent:
         exception (the reason the stream broke) or by cancellation."""
         self._stream_generation += 1
         generation = self._stream_generation
-        channel = grpc.aio.insecure_channel(endpoint, options=self.channel_options)
+        channel = self.credentials.aio_channel(endpoint, self.channel_options)
         call = None
         try:
-            call = pb_grpc.CoordinatorStub(channel).ExecutorStream()
+            call = pb_grpc.CoordinatorStub(channel).ExecutorStream(metadata=self.credentials.metadata())
             await self._write(call, pb.ExecutorMessage(hello=pb.ExecutorHello(executor=self._spec)))
             first = await asyncio.wait_for(call.read(), self.limits.welcome_timeout_s)
             if first is grpc.aio.EOF:

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.client import ClientError, CoordinatorClient, default_data_dir, resolve_endpoints
+from cluster.credentials import ClientCredentials, CredentialsError, resolve_credentials
 from cluster.local import ClusterError, LocalCluster, pid_alive
 from proto import coordinator_pb2 as pb
 
@@ -37,6 +38,8 @@ events_app = typer.Typer(help="Stream committed domain events.", no_args_is_help
 executor_app = typer.Typer(help="Inspect executors.", no_args_is_help=True)
 checkpoint_app = typer.Typer(help="Inspect task checkpoints.", no_args_is_help=True)
 certs_app = typer.Typer(help="The cluster CA and its certificates (for mTLS).", no_args_is_help=True)
+token_app = typer.Typer(help="JWT identities: issue tokens, rotate the signing key.", no_args_is_help=True)
+audit_app = typer.Typer(help="The signed, hash-chained audit log: list, export, verify.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(node_app, name="node")
 app.add_typer(task_app, name="task")
@@ -45,6 +48,8 @@ app.add_typer(events_app, name="events")
 app.add_typer(executor_app, name="executor")
 app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(certs_app, name="certs")
+app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 
 # Piped output keeps full columns instead of the 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -63,17 +68,62 @@ EndpointsOpt = typer.Option(None, "--endpoints", help="host:port,... (default: C
 DataDirOpt = typer.Option(None, "--data-dir", help="local cluster directory (default: COORDCTL_DATA_DIR or ./.coord)")
 
 
+def configure_logging(level: str) -> None:
+    """Logs to stderr, with anything that looks like a token or key masked."""
+    from security.secrets import MaskingFilter
+
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(MaskingFilter())
+
+
 def fail(message: str, code: int = 1) -> None:
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
 
 
+class _Auth:
+    """Global options: how coordctl authenticates (see `coordctl --help`)."""
+
+    token = ""
+    token_file = ""
+    cert_name = "cli"
+    certs_dir = ""
+    insecure_dev: bool | None = None
+
+
+@app.callback()
+def global_options(
+    token: str = typer.Option("", "--token", help="a JWT (default: COORD_TOKEN, COORD_TOKEN_FILE, or one minted "
+                                                  "from the local cluster's key ring as admin)"),
+    token_file: str = typer.Option("", "--token-file", help="a file holding the JWT (re-read when it changes)"),
+    cert_name: str = typer.Option("cli", "--cert-name", help="which certificate in the certs dir to present"),
+    certs_dir: str = typer.Option("", "--certs-dir", help="the cluster's certs dir (default: DATA_DIR/certs)"),
+    insecure_dev: bool = typer.Option(False, "--insecure-dev", help="plaintext, no token: only for a cluster "
+                                                                    "started with --insecure-dev"),
+) -> None:
+    _Auth.token, _Auth.token_file, _Auth.cert_name, _Auth.certs_dir = token, token_file, cert_name, certs_dir
+    _Auth.insecure_dev = True if insecure_dev else None
+
+
+def credentials_for(data_dir: str | None, *, cert_name: str = "", subject: str = "",
+                    roles: tuple[str, ...] = ("admin",)) -> ClientCredentials:
+    try:
+        return resolve_credentials(data_dir or default_data_dir(), cert_name=cert_name or _Auth.cert_name,
+                                   subject=subject, roles=roles, token=_Auth.token, token_file=_Auth.token_file,
+                                   certs_dir=_Auth.certs_dir, insecure_dev=_Auth.insecure_dev)
+    except CredentialsError as exc:
+        fail(str(exc))
+        raise
+
+
 def client_for(endpoints: str | None, data_dir: str | None) -> CoordinatorClient:
     try:
-        return CoordinatorClient(resolve_endpoints(endpoints, data_dir))
+        eps = resolve_endpoints(endpoints, data_dir)
     except ClientError as exc:
         fail(exc.message)
         raise
+    return CoordinatorClient(eps, credentials=credentials_for(data_dir))
 
 
 def emit_json(data: Any) -> None:
@@ -140,10 +190,17 @@ def cluster_up(
     nodes: int = typer.Option(3, "--nodes", help="how many nodes (3 or 5 for fault tolerance)"),
     data_dir: str = DataDirOpt,
     wait_s: float = typer.Option(30.0, "--wait-s", help="how long to wait for a leader"),
+    insecure_dev: bool = typer.Option(False, "--insecure-dev", help="DEVELOPMENT ONLY: plaintext gRPC, no tokens, "
+                                                                    "no RBAC, no audit"),
     output: Output = OutputOpt,
 ) -> None:
-    """Start a local cluster in the background; returns once a leader is elected."""
-    cluster = LocalCluster(data_dir or default_data_dir())
+    """Start a local cluster in the background; returns once a leader is elected. The first run
+    creates DATA_DIR/certs: the cluster CA, certificates for the nodes, the CLI, executors and the
+    MCP bridge, the JWT key ring and the nodes' audit keys (mTLS + JWT + RBAC + audit are on)."""
+    cluster = LocalCluster(data_dir or default_data_dir(), insecure_dev=insecure_dev)
+    if cluster.nodes and cluster.insecure_dev != insecure_dev:
+        fail(f"--insecure-dev: the cluster in {cluster.data_dir} was created "
+             f"{'with' if cluster.insecure_dev else 'without'} it; use the same mode or a fresh --data-dir")
     try:
         leader = cluster.up(nodes, wait_s)
     except ClusterError as exc:
@@ -176,7 +233,7 @@ def cluster_status(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, ou
     eps = call(resolve_endpoints, endpoints, data_dir)
     local = LocalCluster(data_dir or default_data_dir())
     known_ids = {n.grpc_address: n.id for n in local.nodes}
-    client = CoordinatorClient(eps)
+    client = CoordinatorClient(eps, credentials=credentials_for(data_dir))
     rows = []
     for endpoint in eps:
         try:
@@ -216,16 +273,24 @@ def node_run(
                                                     help="or after this many seconds"),
     commands_in_flight_max: int = typer.Option(20_000, "--commands-in-flight-max",
                                                help="beyond this, writes get RESOURCE_EXHAUSTED"),
+    node_certs_dir: str = typer.Option("", "--certs-dir", help="the cluster's certs dir (CA, NODE_ID.pem/.key, "
+                                                               "jwt-keys.json, audit keys)"),
+    policy_file: str = typer.Option("", "--policy-file", help="RBAC policy YAML (default: the shipped one)"),
+    node_insecure_dev: bool = typer.Option(False, "--insecure-dev", help="DEVELOPMENT ONLY: plaintext, no "
+                                                                         "authentication, RBAC or audit"),
 ) -> None:
     """Run one coordinator node in the foreground (for real deployments and `cluster up`)."""
     from cluster.node import NodeConfig, load_cluster_file, load_secret, run_node
     from cluster.proposer import ProposerLimits
 
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level)
+    if not node_insecure_dev and not node_certs_dir:
+        fail("--certs-dir: required (created by `coordctl certs init` / `cluster up`), or --insecure-dev")
     config = NodeConfig(node_id=node_id, nodes=load_cluster_file(cluster_file), data_dir=data_dir,
                         secret=load_secret(secret_file), log_compaction_min_entries=log_compaction_min_entries,
                         log_compaction_min_time_s=log_compaction_min_time_s,
-                        proposer=ProposerLimits(commands_in_flight_max=commands_in_flight_max))
+                        proposer=ProposerLimits(commands_in_flight_max=commands_in_flight_max),
+                        certs_dir=node_certs_dir, policy_file=policy_file, insecure_dev=node_insecure_dev)
     try:
         config.me  # noqa: B018 (validates node_id early with a clear message)
     except ValueError as exc:
@@ -615,6 +680,200 @@ def certs_issue(
         console.print(f"{row['role']} {row['name']}: {row['cert']} (until {row['not_after']})")
 
 
+# ---------------------------------------------------------------------------------- tokens
+def _keys_path(data_dir: str | None) -> str:
+    return os.path.join(_Auth.certs_dir or _certs_dir(data_dir), "jwt-keys.json")
+
+
+@token_app.command("issue")
+def token_issue(
+    subject: str = typer.Option(..., "--subject", help="who the token speaks for (e.g. alice, executor:w1)"),
+    role: list[str] = typer.Option(..., "--role", help="a role from the RBAC policy (repeatable), e.g. admin, "
+                                                       "operator:level1, agent:executor, user"),
+    ttl_s: int = typer.Option(900, "--ttl", help="lifetime in seconds (1..86400); refresh before it ends"),
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Sign a token with the cluster's active key (DATA_DIR/certs/jwt-keys.json). Prints it."""
+    from security.tokens import KeyRing, KeyRingError, TokenIssuer
+
+    try:
+        issuer = TokenIssuer(KeyRing.load(_keys_path(data_dir)))
+        token = issuer.issue(subject, role, ttl_s)
+    except KeyRingError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc).replace("ttl_s", "--ttl").replace("subject:", "--subject:").replace("roles", "--role"))
+    if output == Output.json:
+        emit_json({"token": token, "subject": subject, "roles": role, "ttl_s": ttl_s})
+    else:
+        sys.stdout.write(token + "\n")
+
+
+@token_app.command("rotate-key")
+def token_rotate_key(data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
+    """Add a new signing key and make it active. Tokens signed by older keys keep verifying
+    until `token retire-key`; nodes pick the new key ring up without a restart."""
+    from security.tokens import KeyRing, KeyRingError
+
+    path = _keys_path(data_dir)
+    try:
+        kid = KeyRing.load(path).rotate(path)
+    except KeyRingError as exc:
+        fail(str(exc))
+    if output == Output.json:
+        emit_json({"active_kid": kid})
+    else:
+        console.print(f"new active key {kid}")
+
+
+@token_app.command("retire-key")
+def token_retire_key(kid: str = typer.Argument(..., help="a key id that is not the active one"),
+                     data_dir: str = DataDirOpt) -> None:
+    """Remove an old signing key: tokens it signed stop verifying."""
+    from security.tokens import KeyRing, KeyRingError
+
+    path = _keys_path(data_dir)
+    try:
+        KeyRing.load(path).retire(path, kid)
+    except (KeyRingError, ValueError) as exc:
+        fail(str(exc))
+    console.print(f"retired {kid}")
+
+
+# ---------------------------------------------------------------------------------- audit
+def _fetch_audit(client: CoordinatorClient, page_max: int = 5000) -> tuple[list, list, Any]:
+    """Every retained record of one node's chain, page by page (bounded by the chain's size)."""
+    from coordinator.audit import AuditHead, AuditRecord
+
+    records: list[AuditRecord] = []
+    seq = 0
+    reply = None
+    for _ in range(10_000):
+        reply = client.call("ListAudit", pb.ListAuditRequest(from_seq=seq, limit=page_max))
+        records.extend(AuditRecord(r.seq, r.index, r.time_unix_ms, r.node, r.who, tuple(r.roles), r.action, r.resource,
+                                   r.outcome, r.digest, r.sig, r.prev, r.hash) for r in reply.records)
+        if not reply.records or records[-1].seq >= reply.last_seq:
+            break
+        seq = records[-1].seq + 1
+    assert reply is not None
+    heads = [AuditHead(h.seq, h.hash, h.node, h.time_unix_ms, h.sig) for h in reply.heads]
+    anchor = reply.anchor if reply.has_anchor else None
+    return records, heads, AuditHead(anchor.seq, anchor.hash, anchor.node, anchor.time_unix_ms, anchor.sig) if anchor else None
+
+
+def _audit_source(endpoints: str | None, data_dir: str | None, file: str, node_data_dir: str) -> tuple[list, list, Any, str]:
+    from cluster.audit_files import read_node_audit
+    from security.audit import AuditError, load_export
+
+    try:
+        if file:
+            return (*load_export(file), file)
+        if node_data_dir:
+            return (*read_node_audit(node_data_dir), f"{node_data_dir} (its snapshot)")
+    except AuditError as exc:
+        fail(str(exc))
+    client = client_for(endpoints, data_dir)
+    try:
+        return (*call(_fetch_audit, client), client.endpoints[client._preferred])
+    finally:
+        client.close()
+
+
+def _audit_row(r: Any) -> dict[str, Any]:
+    return {"seq": r.seq, "index": r.index, "time": fmt_ms(r.time_ms) if isinstance(r.time_ms, int) else r.time_ms,
+            "node": r.node, "who": r.who, "roles": list(r.roles or ()), "action": r.action, "resource": r.resource,
+            "outcome": r.outcome}
+
+
+@audit_app.command("list")
+def audit_list(
+    last: int = typer.Option(50, "--last", help="show the newest N records (1..100000)"),
+    who: str = typer.Option("", "--who", help="only records of this principal"),
+    outcome: str = typer.Option("", "--outcome", help="only records whose outcome starts with this (e.g. denied)"),
+    file: str = typer.Option("", "--file", help="read an export instead of asking a node"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """The audit records a node holds (newest last): who did what to which resource, the
+    outcome, the time and the Raft index."""
+    if not 1 <= last <= 100_000:
+        fail(f"--last: between 1 and 100000, got {last}")
+    records, _heads, _anchor, _source = _audit_source(endpoints, data_dir, file, "")
+    rows = [_audit_row(r) for r in records if (not who or r.who == who)
+            and (not outcome or str(r.outcome).startswith(outcome))][-last:]
+    if output == Output.json:
+        emit_json({"records": rows})
+        return
+    table = Table(title=f"audit ({len(rows)} records)")
+    for column in ("seq", "index", "time", "node", "who", "action", "resource", "outcome"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(str(row["seq"]), str(row["index"]), row["time"], row["node"], row["who"], row["action"],
+                      row["resource"], row["outcome"])
+    console.print(table)
+
+
+@audit_app.command("export")
+def audit_export(
+    out: str = typer.Option(..., "--out", help="the JSON-lines file to write (0600)"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Write a node's retained chain (anchor, signed heads, records) as JSON lines, for review
+    and for `audit verify --file` later."""
+    from security.audit import export_jsonl
+
+    records, heads, anchor, source = _audit_source(endpoints, data_dir, "", "")
+    export_jsonl(out, records, heads, anchor)
+    if output == Output.json:
+        emit_json({"file": out, "records": len(records), "heads": len(heads), "source": source})
+    else:
+        console.print(f"{len(records)} records, {len(heads)} signed heads from {source} -> {out}")
+
+
+@audit_app.command("verify")
+def audit_verify(
+    file: str = typer.Option("", "--file", help="verify an export instead of asking a node"),
+    node_data_dir: str = typer.Option("", "--node-data-dir", help="verify the chain in a (stopped) node's "
+                                                                  "snapshot, offline"),
+    keys: str = typer.Option("", "--keys", help="the nodes' public audit keys (default: DATA_DIR/certs/"
+                                                "audit-keys.json)"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Check the hash chain, every record's signature and every signed head against the
+    cluster's known node keys; report the first bad record. Exit 0 if it verifies, 2 if not."""
+    from cluster.audit_files import verify_with_decisions
+    from security.audit import AuditError, load_known_keys
+
+    keys = keys or os.path.join(_Auth.certs_dir or _certs_dir(data_dir), "audit-keys.json")
+    try:
+        known = load_known_keys(keys)
+    except AuditError as exc:
+        fail(f"--keys: {exc}")
+    records, heads, anchor, source = _audit_source(endpoints, data_dir, file, node_data_dir)
+    report = verify_with_decisions(records, heads, anchor, known)
+    data = {"ok": report.ok, "source": source, "records_checked": report.records_checked,
+            "heads_checked": report.heads_checked, "first_bad_seq": report.first_bad_seq,
+            "first_bad_position": report.first_bad_position, "problem": report.problem,
+            "unsigned_tail_from_seq": report.unsigned_tail_from_seq}
+    if output == Output.json:
+        emit_json(data)
+    elif report.ok:
+        tail = (f"; records from seq {report.unsigned_tail_from_seq} on are after the newest signed head "
+                "(hash chain and record signatures only)") if report.unsigned_tail_from_seq else ""
+        console.print(f"[green]verified[/green] {report.records_checked} records and {report.heads_checked} signed "
+                      f"heads from {source}{tail}")
+    else:
+        err_console.print(f"[red]audit chain does not verify[/red] ({source}): {report.problem}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(2)
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 def checkpoint_dict(info: pb.CheckpointInfo) -> dict[str, Any]:
     return {"id": info.id, "task_id": info.task_id, "sequence_number": info.sequence_number, "kind": info.kind,
@@ -769,8 +1028,9 @@ def executor_run(
     except ValueError as exc:
         fail(str(exc))
     eps = call(resolve_endpoints, endpoints, data_dir)
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(log_level)
+    credentials = credentials_for(data_dir, cert_name=_Auth.cert_name if _Auth.cert_name != "cli" else "executor",
+                                  subject=f"executor:{executor_id or name}", roles=("agent:executor",))
     try:
         checkpoint_settings = CheckpointSettings(on_action=checkpoint_on_action, interval_s=checkpoint_interval_s)
     except ValueError as exc:
@@ -787,7 +1047,7 @@ def executor_run(
     agent = ExecutorAgent(adapter, executor_id=executor_id or name, name=name, executor_type=type_,
                           capacity=capacity, prefetch=prefetch, endpoints=eps,
                           heartbeat_interval_s=heartbeat_interval_s, checkpoint_settings=checkpoint_settings,
-                          performance_profile=performance_profile)
+                          performance_profile=performance_profile, credentials=credentials)
 
     async def main_async() -> None:
         stop = asyncio.Event()

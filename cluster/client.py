@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cluster.credentials import ClientCredentials
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
 
@@ -57,10 +58,12 @@ def resolve_endpoints(endpoints: str | None, data_dir: str | None = None) -> lis
 
 
 class CoordinatorClient:
-    def __init__(self, endpoints: Sequence[str], *, timeout_s: float = 10.0, attempts_max: int = 6) -> None:
+    def __init__(self, endpoints: Sequence[str], *, credentials: ClientCredentials, timeout_s: float = 10.0,
+                 attempts_max: int = 6) -> None:
         if not endpoints:
             raise ValueError("endpoints: at least one host:port")
         self.endpoints = list(endpoints)
+        self.credentials = credentials
         self.timeout_s = timeout_s
         self.attempts_max = attempts_max
         self._channels: dict[str, grpc.Channel] = {}
@@ -69,7 +72,7 @@ class CoordinatorClient:
     def _stub(self, endpoint: str) -> pb_grpc.CoordinatorStub:
         channel = self._channels.get(endpoint)
         if channel is None:
-            channel = grpc.insecure_channel(endpoint, options=[
+            channel = self.credentials.channel(endpoint, options=[
                 ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
                 ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
             ])
@@ -97,7 +100,8 @@ class CoordinatorClient:
         for attempt in range(attempts):
             endpoint = self.endpoints[(self._preferred + attempt) % len(self.endpoints)]
             try:
-                response = getattr(self._stub(endpoint), method)(request, timeout=timeout_s or self.timeout_s)
+                response = getattr(self._stub(endpoint), method)(request, timeout=timeout_s or self.timeout_s,
+                                                                 metadata=self.credentials.metadata())
                 self._preferred = self.endpoints.index(endpoint)
                 return response
             except grpc.RpcError as exc:
@@ -141,11 +145,13 @@ class CoordinatorClient:
                          timeout_s=timeout_s + 5)
 
     def status(self, endpoint: str, timeout_s: float = 2.0) -> pb.NodeStatus:
-        return self._stub(endpoint).ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s).node
+        return self._stub(endpoint).ClusterStatus(pb.ClusterStatusRequest(), timeout=timeout_s,
+                                                  metadata=self.credentials.metadata()).node
 
     def watch(self, from_index: int = 0, kinds: Sequence[str] = (), timeout_s: float | None = None) -> Iterator[pb.Event]:
         stub = self._stub(self.endpoints[self._preferred])
-        return stub.Watch(pb.WatchRequest(from_index=from_index, kinds=list(kinds)), timeout=timeout_s)
+        return stub.Watch(pb.WatchRequest(from_index=from_index, kinds=list(kinds)), timeout=timeout_s,
+                          metadata=self.credentials.metadata())
 
 
 def with_retries(fn: Callable[[], T], attempts: int, delay_s: float) -> T:

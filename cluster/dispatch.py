@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from cluster.credentials import ClientCredentials
 from cluster.proposer import ProposeError, Proposer
 from cluster.service import executor_input_from_pb
 from coordinator import commands as cmd
@@ -112,8 +113,10 @@ class Dispatcher:
         leader_grpc_address: Callable[[], str | None],
         limits: Limits,
         settings: DispatchSettings | None = None,
+        relay_credentials: ClientCredentials | None = None,
     ) -> None:
         self.node_id = node_id
+        self._relay_credentials = relay_credentials or ClientCredentials.insecure()
         self._fsm = fsm
         self._lock = fsm_lock
         self._proposer = proposer
@@ -180,7 +183,8 @@ class Dispatcher:
         except ProposeError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         if not result.ok:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, result.message)
+            code = grpc.StatusCode.PERMISSION_DENIED if result.code == "PERMISSION_DENIED" else grpc.StatusCode.INVALID_ARGUMENT
+            await context.abort(code, result.message)
         executor_id = spec.id
         old = self.connections.get(executor_id)
         if old is not None:
@@ -380,7 +384,7 @@ class Dispatcher:
                 if self._relay_channel is None or self._relay_channel[0] != address:
                     if self._relay_channel is not None:
                         await self._relay_channel[1].close()
-                    self._relay_channel = (address, grpc.aio.insecure_channel(address))
+                    self._relay_channel = (address, self._relay_credentials.aio_channel(address))
                 stub = pb_grpc.CoordinatorStub(self._relay_channel[1])
                 await stub.RelayHeartbeats(pb.RelayHeartbeatsRequest(executor_ids=alive, from_node_id=self.node_id),
                                            timeout=self.settings.heartbeat_interval_s)

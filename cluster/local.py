@@ -12,11 +12,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from cluster.credentials import JWT_KEYS_FILE, ClientCredentials, TokenMinter
 from proto import coordinator_pb2 as pb
+
+if TYPE_CHECKING:
+    from cluster.client import CoordinatorClient
 from proto import coordinator_pb2_grpc as pb_grpc
 
 NODES_MAX = 7
@@ -62,14 +67,18 @@ class LocalNode:
 
 
 class LocalCluster:
-    def __init__(self, data_dir: str, *, env: dict[str, str] | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(self, data_dir: str, *, env: dict[str, str] | None = None, extra_args: list[str] | None = None,
+                 insecure_dev: bool = False) -> None:
         self.data_dir = os.path.abspath(data_dir)
         self.file = os.path.join(self.data_dir, "cluster.json")
         self.secret_file = os.path.join(self.data_dir, "cluster.secret")
+        self.certs_dir = os.path.join(self.data_dir, "certs")
         self.env = env or {}
         self.extra_args = extra_args or []
+        self.insecure_dev = insecure_dev
         self.nodes: list[LocalNode] = []
         self._procs: dict[str, subprocess.Popen] = {}
+        self._admin: ClientCredentials | None = None
         if os.path.exists(self.file):
             self._load()
 
@@ -78,12 +87,52 @@ class LocalCluster:
         with open(self.file) as f:
             data = json.load(f)
         self.nodes = [LocalNode(**n) for n in data["nodes"]]
+        self.insecure_dev = bool(data.get("insecure_dev", False))
 
     def _save(self) -> None:
         tmp = self.file + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"nodes": [n.as_dict() for n in self.nodes], "secret_file": self.secret_file}, f, indent=2)
+            json.dump({"nodes": [n.as_dict() for n in self.nodes], "secret_file": self.secret_file,
+                       "insecure_dev": self.insecure_dev, "certs_dir": self.certs_dir}, f, indent=2)
         os.replace(tmp, self.file)
+
+    # -- credentials -------------------------------------------------------------------------
+    def _init_security(self, node_ids: list[str]) -> None:
+        """The cluster CA and certificates (nodes, cli, executor, bridge), the JWT key ring and
+        the nodes' audit signing keys, once per data dir."""
+        from security.audit import generate_node_key
+        from security.certs import init_cluster, issue
+        from security.tokens import KeyRing
+
+        if not os.path.exists(os.path.join(self.certs_dir, "ca.key")):
+            init_cluster(self.certs_dir, node_ids)
+            issue(self.certs_dir, "executor", "executor")
+        keys_path = os.path.join(self.certs_dir, JWT_KEYS_FILE)
+        if not os.path.exists(keys_path):
+            KeyRing.create(keys_path)
+        for node_id in node_ids:
+            generate_node_key(Path(self.certs_dir), node_id)
+
+    def credentials(self, *, cert_name: str = "cli", subject: str = "local-admin",
+                    roles: tuple[str, ...] = ("admin",), ttl_s: int = 900) -> ClientCredentials:
+        """Credentials to call this cluster: mTLS with DATA_DIR/certs/<cert_name> and tokens minted
+        from its key ring (plaintext and none for an --insecure-dev cluster)."""
+        if self.insecure_dev:
+            return ClientCredentials.insecure()
+        minter = TokenMinter(os.path.join(self.certs_dir, JWT_KEYS_FILE), subject, roles, ttl_s)
+        return ClientCredentials(certs_dir=self.certs_dir, cert_name=cert_name, tokens=minter)
+
+    def client(self, endpoints: list[str] | None = None, **kwargs: Any) -> CoordinatorClient:
+        """A client of this cluster as an admin (all nodes unless `endpoints`)."""
+        from cluster.client import CoordinatorClient
+
+        return CoordinatorClient(endpoints or self.endpoints, credentials=self.admin, **kwargs)
+
+    @property
+    def admin(self) -> ClientCredentials:
+        if self._admin is None:
+            self._admin = self.credentials()
+        return self._admin
 
     def node(self, node_id: str) -> LocalNode:
         for node in self.nodes:
@@ -104,6 +153,8 @@ class LocalCluster:
             fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(secrets.token_urlsafe(32))
+        if not self.insecure_dev:
+            self._init_security([n.id for n in self.nodes] or [f"n{i}" for i in range(1, nodes + 1)])
         if self.nodes:
             if len(self.nodes) != nodes:
                 raise ClusterError(
@@ -133,7 +184,8 @@ class LocalCluster:
         os.makedirs(node.data_dir, exist_ok=True)
         log_file = open(os.path.join(node.data_dir, "node.log"), "ab")  # noqa: SIM115
         cmd = [sys.executable, "-m", "cluster.cli", "node", "run", "--cluster-file", self.file, "--node-id", node.id,
-               "--data-dir", node.data_dir, "--secret-file", self.secret_file, *self.extra_args]
+               "--data-dir", node.data_dir, "--secret-file", self.secret_file,
+               *(["--insecure-dev"] if self.insecure_dev else ["--certs-dir", self.certs_dir]), *self.extra_args]
         proc = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, **self.env, **(env or {})}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -195,10 +247,12 @@ class LocalCluster:
     def statuses(self, timeout_s: float = 1.0, state_hash: bool = False) -> dict[str, pb.NodeStatus | None]:
         out: dict[str, pb.NodeStatus | None] = {}
         request = pb.ClusterStatusRequest(include_state_hash=state_hash)
+        credentials = self.admin
         for node in self.nodes:
             try:
-                with grpc.insecure_channel(node.grpc_address) as channel:
-                    response = pb_grpc.CoordinatorStub(channel).ClusterStatus(request, timeout=timeout_s)
+                with credentials.channel(node.grpc_address) as channel:
+                    response = pb_grpc.CoordinatorStub(channel).ClusterStatus(request, timeout=timeout_s,
+                                                                              metadata=credentials.metadata())
                 out[node.id] = response.node
             except grpc.RpcError:
                 out[node.id] = None

@@ -23,6 +23,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster.credentials import JWT_KEYS_FILE, ClientCredentials
+from cluster.auth import AuditStamper, AuthInterceptor, DecisionLog, ServerTls, audit_loop
 from cluster.dispatch import DispatchSettings, Dispatcher
 from cluster.proposer import Proposer, ProposerLimits
 from cluster.raft import ROLE_NAMES, RaftLog
@@ -31,6 +33,10 @@ from cluster.service import AppliedWaiters, CoordinatorService, now_ms
 from coordinator.fsm import CoordinatorFSM
 from coordinator.limits import Limits
 from proto import coordinator_pb2 as pb
+from security.audit import AuditError, AuditSigner
+from security.ratelimit import RateLimiter
+from security.rbac import Policy, PolicyError
+from security.tokens import KeyRing, TokenIssuer, TokenVerifier
 from proto import coordinator_pb2_grpc as pb_grpc
 from wal.checkpoint_store import CheckpointStore
 from wal.journal import LmdbJournal
@@ -61,6 +67,12 @@ class NodeConfig:
     journal_bytes_compact: int = 64 << 20
     raft_overrides: dict[str, Any] = field(default_factory=dict)
     dispatch: DispatchSettings = field(default_factory=DispatchSettings)
+    # Security (issue 6): DATA_DIR/certs of the cluster (CA, this node's certificate, the JWT key
+    # ring, the audit keys) and the RBAC policy file ("" = the shipped default). insecure_dev
+    # turns all of it off (plaintext, no tokens, no RBAC, no audit): only with --insecure-dev.
+    certs_dir: str = ""
+    policy_file: str = ""
+    insecure_dev: bool = False
 
     @property
     def me(self) -> NodeAddress:
@@ -100,6 +112,10 @@ class Node:
         self.dispatcher: Dispatcher | None = None
         self.server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._audit_task: asyncio.Task | None = None
+        self.stamper: AuditStamper | None = None
+        self.decisions: DecisionLog | None = None
+        self.token_issuer: TokenIssuer | None = None
 
     def _paths(self) -> tuple[str, str]:
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -127,19 +143,36 @@ class Node:
             snapshot_path=snapshot_path, transport_class=CoordinatorTransport, conf_kwargs=conf_kwargs,
             on_applied=waiters.notify_threadsafe,
         )
-        self.proposer = Proposer(self.raft, loop, config.proposer)
+        if config.insecure_dev:
+            self.stamper = None
+            self.proposer = Proposer(self.raft, loop, config.proposer)
+        else:
+            try:
+                signer = AuditSigner.from_dir(config.certs_dir, me.id)
+            except AuditError as exc:
+                raise SystemExit(f"audit key: {exc} (`coordctl cluster up` creates it)") from None
+            self.stamper = AuditStamper(me.id, signer)
+            self.proposer = Proposer(self.raft, loop, config.proposer, encode=self.stamper)
         grpc_by_raft = {n.raft_address: n.grpc_address for n in config.nodes}
 
         def leader_grpc_address() -> str | None:
             leader = self.raft.status_cache.get("leader") if self.raft else None
             return grpc_by_raft.get(getattr(leader, "address", ""))
 
+        interceptors = []
+        if config.insecure_dev:
+            log.warning("node %s: --insecure-dev: plaintext gRPC, no authentication, no RBAC, no audit", me.id)
+            relay_credentials = ClientCredentials.insecure()
+        else:
+            interceptors.append(self._security_interceptor())
+            # Node to node (the heartbeat relay): the node's own certificate, no token.
+            relay_credentials = ClientCredentials(certs_dir=config.certs_dir, cert_name=me.id)
         self.dispatcher = Dispatcher(
             node_id=me.id, fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters,
             is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
-            settings=config.dispatch,
+            settings=config.dispatch, relay_credentials=relay_credentials,
         )
-        self.server = grpc.aio.server(options=[
+        self.server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),
@@ -148,6 +181,7 @@ class Node:
         service = CoordinatorService(
             fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters, limits=config.limits,
             node_status=self.status, dispatcher=self.dispatcher, checkpoints=checkpoints,
+            decisions=self.decisions, token_issuer=self.token_issuer,
         )
         pb_grpc.add_CoordinatorServicer_to_server(service, self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
@@ -156,15 +190,45 @@ class Node:
             (pb.DESCRIPTOR.services_by_name["Coordinator"].full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
             self.server,
         )
-        # mTLS arrives with the security issue; until then the API listens on the configured
-        # (loopback by default) address only.
-        if self.server.add_insecure_port(me.grpc_address) == 0:
+        if config.insecure_dev:
+            port = self.server.add_insecure_port(me.grpc_address)
+        else:
+            port = self.server.add_secure_port(me.grpc_address, self.tls.credentials())
+        if port == 0:
             raise SystemExit(f"grpc_address: cannot bind {me.grpc_address}")
         await self.server.start()
         self.raft.start(journal_bytes_compact=config.journal_bytes_compact)
         await self.dispatcher.start()
+        if self.stamper is not None:
+            self._audit_task = asyncio.create_task(audit_loop(
+                stamper=self.stamper, decisions=self.decisions, propose=self.proposer.propose,
+                is_leader=self.raft._isLeader, chain_head=self._audit_head, clock_ms=now_ms, stopping=self._stopped))
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("node %s serving gRPC on %s, raft on %s", me.id, me.grpc_address, me.raft_address)
+
+    def _audit_head(self) -> tuple[int, str, int]:
+        with self.fsm_lock:
+            chain = self.fsm.audit
+            return chain.last_seq, chain.last_hash, chain.limits.head_every_records
+
+    def _security_interceptor(self) -> AuthInterceptor:
+        config = self.config
+        if not config.certs_dir:
+            raise SystemExit("certs_dir: required (--certs-dir, created by `coordctl certs init`) unless --insecure-dev")
+        try:
+            policy = Policy.load(config.policy_file) if config.policy_file else Policy.default()
+        except PolicyError as exc:
+            raise SystemExit(f"--policy-file: {exc}") from None
+        keys_path = os.path.join(config.certs_dir, JWT_KEYS_FILE)
+        if not os.path.exists(keys_path):
+            raise SystemExit(f"JWT key ring: {keys_path} does not exist (`coordctl cluster up` or "
+                             "`coordctl token init-keys` creates it)")
+        self.tls = ServerTls(config.certs_dir, config.node_id)
+        self.token_issuer = TokenIssuer(KeyRing.load(keys_path))
+        self.decisions = DecisionLog(now_ms)
+        self.interceptor = AuthInterceptor(policy=policy, verifier=TokenVerifier(keys_path), limiter=RateLimiter(),
+                                           decisions=self.decisions)
+        return self.interceptor
 
     async def _set_health(self, status: int) -> None:
         result = self.health.set("", status)
@@ -201,6 +265,9 @@ class Node:
         )
 
     async def stop(self) -> None:
+        self._stopped.set()
+        if self._audit_task is not None:
+            self._audit_task.cancel()
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         if self.server is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,7 +67,11 @@ class _Pending:
 
 
 class Proposer:
-    def __init__(self, raft: RaftLog, loop: asyncio.AbstractEventLoop, limits: ProposerLimits | None = None) -> None:
+    def __init__(self, raft: RaftLog, loop: asyncio.AbstractEventLoop, limits: ProposerLimits | None = None,
+                 encode: Callable[[dict[str, Any]], bytes] = encode_command) -> None:
+        # `encode` turns a command into its bytes; with security on it is the AuditStamper, which
+        # stamps who is calling and signs the command's audit record first (cluster/auth.py).
+        self._encode = encode
         self._raft = raft
         self._loop = loop
         self.limits = limits or ProposerLimits()
@@ -81,7 +86,7 @@ class Proposer:
         self._retry_handle: asyncio.TimerHandle | None = None
 
     async def propose(self, command: dict[str, Any], timeout_s: float | None = None) -> ApplyResult:
-        encoded = encode_command(command)  # once: the entry is joined from these bytes
+        encoded = self._encode(command)  # once: the entry is joined from these bytes
         size = len(encoded)
         limits = self.limits
         if self.commands_in_flight >= limits.commands_in_flight_max or self.bytes_in_flight + size > limits.bytes_in_flight_max:

@@ -13,8 +13,10 @@ from typing import Any
 
 import grpc
 
+from cluster.auth import DecisionLog, current_access
 from cluster.proposer import ProposeError, Proposer
 from coordinator import commands as cmd
+from coordinator.audit import AuditHead
 from coordinator.checkpoints import CheckpointRecord, canonical_json, checkpoint_id, restore
 from coordinator.errors import CoordinatorError, InvalidArgument
 from coordinator.fsm import FINAL_STATUSES, CoordinatorFSM, ExecutorRecord, TaskRecord
@@ -23,6 +25,7 @@ from coordinator.model import TaskStatus
 from coordinator.validation import ExecutorInput, TaskInput, build_executor_spec, build_task_specs, check_idempotency_key
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
+from security.tokens import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
 from wal.checkpoint_store import CheckpointStore
 
 STATUS_CODES = {
@@ -34,6 +37,8 @@ STATUS_CODES = {
     "UNAVAILABLE": grpc.StatusCode.UNAVAILABLE,
     "DEADLINE_EXCEEDED": grpc.StatusCode.DEADLINE_EXCEEDED,
     "INTERNAL": grpc.StatusCode.INTERNAL,
+    "PERMISSION_DENIED": grpc.StatusCode.PERMISSION_DENIED,
+    "UNAUTHENTICATED": grpc.StatusCode.UNAUTHENTICATED,
 }
 
 LIST_LIMIT_DEFAULT = 100
@@ -43,6 +48,8 @@ WAIT_TIMEOUT_S_MAX = 300.0
 WAIT_TASKS_MAX = 1000
 WATCH_BATCH_EVENTS_MAX = 1000
 WATCH_IDLE_RECHECK_S = 1.0
+AUDIT_LIST_LIMIT_DEFAULT = 1000
+AUDIT_LIST_LIMIT_MAX = 5000
 
 
 def now_ms() -> int:
@@ -95,6 +102,10 @@ def executor_to_pb(record: ExecutorRecord, load: int = 0, connected_here: bool =
         performance_profile_json=record.performance_profile_json, context_window_size=record.context_window_size,
         metadata=record.metadata or {}, resumable=record.resumable,
     )
+
+
+def audit_head_to_pb(head: AuditHead) -> pb.AuditHead:
+    return pb.AuditHead(seq=head.seq, hash=head.hash, node=head.node, time_unix_ms=head.time_ms, sig=head.sig)
 
 
 def checkpoint_to_pb(record: CheckpointRecord) -> pb.CheckpointInfo:
@@ -162,7 +173,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         node_status: Callable[[bool], pb.NodeStatus],
         dispatcher: Any = None,
         checkpoints: CheckpointStore | None = None,
+        decisions: DecisionLog | None = None,
+        token_issuer: Any = None,
     ) -> None:
+        self._decisions = decisions
+        self._token_issuer = token_issuer
         self._dispatcher = dispatcher
         self._checkpoints = checkpoints
         self._fsm = fsm
@@ -192,6 +207,25 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     def _task_exists(self, task_id: str) -> bool:
         return task_id in self._fsm.tasks
+
+    def _owned(self, record: TaskRecord) -> bool:
+        """Whether the caller may see this task: always, unless its permission covers only its
+        own tasks (agents) — then the task must be leased (now or last) to one of its executors."""
+        access = current_access.get()
+        if access is None or not access.own_only:
+            return True
+        executor = self._fsm.executors.get(record.assigned_executor or "")
+        return executor is not None and executor.owner == access.subject
+
+    async def _deny_unless_owned(self, record: TaskRecord, context) -> None:
+        if self._owned(record):
+            return
+        access = current_access.get()
+        if self._decisions is not None and access is not None:
+            self._decisions.record(access.subject, access.principal.roles, f"access:{access.method}",
+                                   f"task:{record.id}", "denied:PERMISSION_DENIED")
+        await self._abort(context, "PERMISSION_DENIED",
+                          f"task {record.id!r}: {access.subject!r} may read only tasks leased to its own executors")
 
     # -- tasks ---------------------------------------------------------------------------
     async def SubmitTask(self, request: pb.SubmitTaskRequest, context) -> pb.SubmitTaskResponse:  # noqa: N802
@@ -229,6 +263,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         record = self._fsm.tasks.get(request.task_id)
         if record is None:
             await self._abort(context, "NOT_FOUND", f"task_id: no task {request.task_id[:80]!r}")
+        await self._deny_unless_owned(record, context)
         return task_to_pb(record)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context) -> pb.ListTasksResponse:  # noqa: N802
@@ -252,6 +287,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 records = list(self._fsm.tasks.values())
         if records is None:
             await self._abort(context, "NOT_FOUND", f"dag_id: no DAG {request.dag_id[:80]!r}")
+        access = current_access.get()
+        if access is not None and access.own_only:
+            records = [r for r in records if self._owned(r)]
         started = not request.after_id
         out: list[pb.Task] = []
         total = 0
@@ -292,6 +330,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         missing = [task_id for task_id in ids if task_id not in self._fsm.tasks]
         if missing:
             await self._abort(context, "NOT_FOUND", f"task_ids: no task {missing[0][:80]!r}")
+        for task_id in ids:
+            await self._deny_unless_owned(self._fsm.tasks[task_id], context)
         timeout_s = request.timeout_s or WAIT_TIMEOUT_S_DEFAULT
         if not 0 < timeout_s <= WAIT_TIMEOUT_S_MAX:
             await self._abort(context, "INVALID_ARGUMENT", f"timeout_s: must be in (0, {WAIT_TIMEOUT_S_MAX}], got {timeout_s}")
@@ -398,6 +438,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             record = self._fsm.tasks.get(request.task_id)
         if record is None:
             await self._abort(context, "NOT_FOUND", f"task_id: no task {request.task_id[:80]!r}")
+        await self._deny_unless_owned(record, context)
         if (record.status not in ("assigned", "executing") or record.attempt != request.attempt
                 or record.assigned_executor != request.executor_id):
             await self._abort(context, "FAILED_PRECONDITION",
@@ -440,7 +481,41 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         record = self._fsm.tasks.get(task_id)
         if record is None:
             await self._abort(context, "NOT_FOUND", f"task_id: no task {task_id[:80]!r}")
+        await self._deny_unless_owned(record, context)
         return record
+
+    # -- security ------------------------------------------------------------------------
+    async def RefreshToken(self, request: pb.RefreshTokenRequest, context) -> pb.RefreshTokenResponse:  # noqa: N802
+        """The caller's own identity with a new expiry (it must still hold a valid token: an
+        expired one never reaches here). Tokens carry only subject and roles, so a refresh can
+        never widen them."""
+        access = current_access.get()
+        if self._token_issuer is None or access is None or access.principal.kind != "token":
+            await self._abort(context, "FAILED_PRECONDITION", "RefreshToken: only for callers with a token, on a "
+                                                              "node with security on")
+        ttl_s = request.ttl_s or TOKEN_TTL_S_DEFAULT
+        if not 1 <= ttl_s <= TOKEN_TTL_S_MAX:
+            await self._abort(context, "INVALID_ARGUMENT", f"ttl_s: between 1 and {TOKEN_TTL_S_MAX}, got {ttl_s}")
+        token = self._token_issuer.refresh(access.principal, ttl_s)
+        return pb.RefreshTokenResponse(token=token, expires_unix_s=int(time.time()) + ttl_s)
+
+    async def ListAudit(self, request: pb.ListAuditRequest, context) -> pb.ListAuditResponse:  # noqa: N802
+        limit = request.limit or AUDIT_LIST_LIMIT_DEFAULT
+        if not 1 <= limit <= AUDIT_LIST_LIMIT_MAX:
+            await self._abort(context, "INVALID_ARGUMENT", f"limit: between 1 and {AUDIT_LIST_LIMIT_MAX}, got {limit}")
+        if request.from_seq < 0:
+            await self._abort(context, "INVALID_ARGUMENT", "from_seq: must be >= 0")
+        await self._barrier(request.consistency, context)
+        with self._lock:
+            chain = self._fsm.audit
+            records = chain.records_from(request.from_seq, limit)
+            heads, anchor, last_seq = chain.heads, chain.anchor, chain.last_seq
+        return pb.ListAuditResponse(
+            records=[pb.AuditRecord(seq=r.seq, index=r.index, time_unix_ms=r.time_ms, node=r.node, who=r.who,
+                                    roles=list(r.roles), action=r.action, resource=r.resource, outcome=r.outcome,
+                                    digest=r.digest, sig=r.sig, prev=r.prev, hash=r.hash) for r in records],
+            heads=[audit_head_to_pb(h) for h in heads], anchor=audit_head_to_pb(anchor) if anchor else None,
+            has_anchor=anchor is not None, last_seq=last_seq)
 
     async def RelayHeartbeats(self, request: pb.RelayHeartbeatsRequest, context) -> pb.RelayHeartbeatsResponse:  # noqa: N802
         self._dispatcher.relay(list(request.executor_ids))

@@ -41,6 +41,15 @@ class CommandType(IntEnum):
     CANCEL_DAG = 13  # cancel every task of one DAG submission that has not finished
     SAVE_CHECKPOINT = 14  # the lease holder of a task saves a full or delta checkpoint (fenced)
     REPORT_PROGRESS = 15  # the lease holder reports progress (fenced; agents send at most ~1/s per attempt)
+    AUDIT_DECISIONS = 16  # access decisions (allowed / denied) a node made, each signed by it
+    AUDIT_HEAD = 17  # the leader's signed checkpoint of the audit chain's head (seq, hash)
+
+
+# Keys any command may carry (issue 6), stamped by the proposer:
+#   "p": the principal's subject, "r": its roles (list), "own": the subject when the caller's
+#   permission covers only its own resources (apply checks ownership), "a": the audit stamp
+#   {"n": proposing node, "d": sha256 of the command without "a", "s": that node's Ed25519
+#   signature of the record body}.
 
 
 # Keys of the "cp" object of SAVE_CHECKPOINT: CheckpointRecord's fields but task_id (the
@@ -177,6 +186,15 @@ def report_progress(now_ms: int, task_id: str, attempt: int, executor_id: str, f
                     message: str) -> dict[str, Any]:
     return {"t": CommandType.REPORT_PROGRESS, "now": now_ms, "id": task_id, "attempt": attempt, "ex": executor_id,
             "fraction": fraction, "message": message}
+
+
+def audit_decisions(node_id: str, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """items: {"p", "r", "act", "res", "o", "now", "d", "s"} — one signed access decision each."""
+    return {"t": CommandType.AUDIT_DECISIONS, "n": node_id, "items": items}
+
+
+def audit_head(now_ms: int, node_id: str, seq: int, head_hash: str, signature: str) -> dict[str, Any]:
+    return {"t": CommandType.AUDIT_HEAD, "now": now_ms, "n": node_id, "seq": seq, "hash": head_hash, "s": signature}
 
 
 def save_checkpoint(now_ms: int, task_id: str, attempt: int, executor_id: str, record: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@
     ├── FailedPrecondition   the state forbids it now (e.g. cancelling a completed task)
     │   └── StaleFencingToken  an executor report for an attempt that no longer holds the lease
     ├── ResourceExhausted    a bound on replicated state is reached; the message names it
+    ├── PermissionDenied     an ownership check in apply refused it (issue 6)
     ├── Compacted            an event cursor older than the retained ring
     └── UnknownCommand       a log entry this code cannot apply (fails loudly)
     InvariantViolation       a bug: internal consistency broken (never caught)
@@ -45,6 +46,12 @@ class ResourceExhausted(CoordinatorError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(CoordinatorError):
+    """An ownership check in `apply` refused the command (issue 6)."""
+
+    code = "PERMISSION_DENIED"
+
+
 class Compacted(CoordinatorError):
     code = "OUT_OF_RANGE"
 
@@ -54,7 +61,8 @@ class UnknownCommand(CoordinatorError):
 
 
 ERRORS_BY_CODE: dict[str, type[CoordinatorError]] = {
-    cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Compacted)
+    cls.code: cls for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Compacted,
+                              PermissionDenied)
 }
 
 

@@ -48,6 +48,7 @@ from coordinator.checkpoints import (
     retention,
     validate_new,
 )
+from coordinator.audit import AuditChain, AuditHead
 from coordinator.commands import CommandType, decode_entry
 from coordinator.dag import find_cycle
 from coordinator.errors import Compacted, CoordinatorError, UnknownCommand, invariant
@@ -58,7 +59,9 @@ SNAPSHOT_FORMAT = 1
 # events), so recorded logs of an older version are checked by their semantic digest instead.
 # 4: checkpoints (a "checkpoints" snapshot section, TaskRecord.checkpoint_sequence, events).
 # 5: ExecutorRecord.resumable; TaskRecord.progress/progress_message/progress_ms (REPORT_PROGRESS).
-FSM_STATE_VERSION = 5
+# 6: ExecutorRecord.owner; the audit chain (an "audit" snapshot section, header audit_heads /
+#    audit_anchor); ownership checks (PERMISSION_DENIED results).
+FSM_STATE_VERSION = 6
 SNAPSHOT_ROWS_PER_CHUNK = 1000
 SNAPSHOT_CHECKPOINT_ROWS_PER_CHUNK = 16  # a record holds up to checkpoint_bytes_max of payload
 
@@ -130,6 +133,10 @@ class ExecutorRecord(NamedTuple):
     tasks_completed: int = 0
     tasks_failed: int = 0
     resumable: bool = False  # resumes from checkpoints; else a checkpointed task restarts from scratch
+    # The principal (JWT subject) that registered it; with an own-only permission only that
+    # principal may report for it, re-register or unregister it ("" = registered without
+    # security, --insecure-dev).
+    owner: str = ""
 
     def row(self) -> list[Any]:
         return list(self)
@@ -162,16 +169,17 @@ Event = tuple[int, int, str, str, str, int, str]
 class SnapshotView:
     """A consistent, frozen view of the state for encoding off the apply thread."""
 
-    __slots__ = ("header", "tasks", "executors", "idempotency", "events", "checkpoints")
+    __slots__ = ("header", "tasks", "executors", "idempotency", "events", "checkpoints", "audit")
 
     def __init__(self, header: dict[str, Any], tasks: list, executors: list, idempotency: list, events: list,
-                 checkpoints: list | None = None) -> None:
+                 checkpoints: list | None = None, audit: list | None = None) -> None:
         self.header = header
         self.tasks = tasks
         self.executors = executors
         self.idempotency = idempotency
         self.events = events
         self.checkpoints = checkpoints or []  # CheckpointRecords, grouped by task, oldest first
+        self.audit = audit or []  # AuditRecords, oldest first
 
 
 class CoordinatorFSM:
@@ -203,6 +211,9 @@ class CoordinatorFSM:
         self.checkpoint_bytes = 0
         self._final_at: dict[str, int] = {}
         self._expiry: list[tuple[int, str]] = []
+        # The audit hash chain (coordinator/audit.py): one record per command that carries an
+        # audit stamp "a" (the proposer's signature) and per access decision; snapshotted.
+        self.audit = AuditChain(self.limits.audit)
 
     # ------------------------------------------------------------------ apply
     def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
@@ -222,7 +233,88 @@ class CoordinatorFSM:
                 self._expire_checkpoints(index, now_ms)
         if handler is None:
             return ApplyResult(True, None)
-        return handler(self, index, command)
+        own = command.get("own")
+        if own is not None:
+            denial = self._ownership_denial(kind, command, own)
+            result = ApplyResult.error("PERMISSION_DENIED", denial) if denial else handler(self, index, command)
+        else:
+            result = handler(self, index, command)
+        stamp = command.get("a")
+        if stamp is not None and kind != CommandType.AUDIT_DECISIONS:
+            self._audit_command(index, kind, command, stamp, result)
+        return result
+
+    # ------------------------------------------------------------------ security
+    def _ownership_denial(self, kind: int, command: dict[str, Any], own: Any) -> str:
+        """A caller whose permission covers only its own resources ("own": its subject) may act
+        only on executors it registered and on tasks leased to them. Decided here, on the
+        replicated state, so it holds whichever node took the call. "" = allowed."""
+        if type(own) is not str:
+            return "own: a principal subject is required"
+        if kind == CommandType.REGISTER_EXECUTOR:
+            spec = command.get("ex")
+            executor_id = spec.get("id") if type(spec) is dict else None
+            existing = self.executors.get(executor_id)
+            if existing is not None and existing.owner != own:
+                return f"executor {executor_id!r} is registered by another principal; {own!r} may not take it over"
+            return ""
+        if kind in (CommandType.UNREGISTER_EXECUTOR,):
+            executor_id = command.get("id")
+        elif kind in (CommandType.START_TASK, CommandType.COMPLETE_TASK, CommandType.FAIL_TASK,
+                      CommandType.REPORT_PROGRESS, CommandType.SAVE_CHECKPOINT):
+            executor_id = command.get("ex")
+        elif kind == CommandType.SUBMIT_TASKS and type(command.get("parent")) is list and len(command["parent"]) == 3:
+            executor_id = command["parent"][2]
+        else:
+            return f"{_command_name(kind)}: not allowed with a permission limited to the caller's own resources"
+        executor = self.executors.get(executor_id)
+        if executor is None:
+            return ""  # nothing of anyone's: the handler reports NOT_FOUND / a stale lease
+        if executor.owner != own:
+            return f"executor {executor_id!r} and its tasks belong to another principal, not {own!r}"
+        return ""
+
+    def _audit_command(self, index: int, kind: int, command: dict[str, Any], stamp: Any, result: ApplyResult) -> None:
+        """Link the command's audit record: the proposer signed who / what / which resource /
+        when / the command's digest; apply adds the outcome and the Raft index."""
+        if type(stamp) is not dict:
+            return
+        roles = command.get("r")
+        self.audit.append(
+            index=index, time_ms=_int_or_zero(command.get("now")), node=_str(stamp.get("n")), who=_str(command.get("p")),
+            roles=tuple(r for r in roles if type(r) is str) if type(roles) is list else (),
+            action=_command_name(kind), resource=audit_resource(kind, command),
+            outcome="ok" if result.ok else result.code, digest=_str(stamp.get("d")), sig=_str(stamp.get("s")))
+
+    def _apply_audit_decisions(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """Access decisions (allowed / denied) a node made, each signed by it; a decision that
+        repeated within the node's flush window is one record with "xN" on its outcome."""
+        items = command.get("items")
+        node = _str(command.get("n"))
+        if type(items) is not list:
+            return ApplyResult.error("INVALID_ARGUMENT", "items: a list of decisions")
+        for item in items:
+            if type(item) is not dict:
+                continue
+            roles = item.get("r")
+            self.audit.append(
+                index=index, time_ms=_int_or_zero(item.get("now")), node=node, who=_str(item.get("p")),
+                roles=tuple(r for r in roles if type(r) is str) if type(roles) is list else (),
+                action=_str(item.get("act")), resource=_str(item.get("res")), outcome=_str(item.get("o")),
+                digest=_str(item.get("d")), sig=_str(item.get("s")))
+        return ApplyResult(True, {"index": index, "records": len(items)})
+
+    def _apply_audit_head(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """A signed checkpoint of the chain head by the leader: lets old records be pruned and
+        covers what the per-record signatures do not (outcomes, indexes)."""
+        try:
+            head = AuditHead(command["seq"], command["hash"], command["n"], command["now"], command["s"])
+        except KeyError as exc:
+            return ApplyResult.error("INVALID_ARGUMENT", f"audit head: missing {exc.args[0]!r}")
+        problem = self.audit.add_head(head)
+        if problem:
+            return ApplyResult.error("FAILED_PRECONDITION", problem)
+        return ApplyResult(True, {"index": index, "seq": head.seq})
 
     def _apply_noop(self, index: int, command: dict[str, Any]) -> ApplyResult:
         return ApplyResult(True, {"index": index})
@@ -367,7 +459,7 @@ class CoordinatorFSM:
             registered_at_ms, spec["input_schema_json"], spec["output_schema_json"],
             spec["performance_profile_json"], spec["context_window_size"], spec["metadata"],
             existing.tasks_completed if existing else 0, existing.tasks_failed if existing else 0,
-            bool(spec.get("resumable", False)),
+            bool(spec.get("resumable", False)), _str(command.get("p")) or (existing.owner if existing else ""),
         )
         self.executors[executor_id] = record
         self.executor_tasks.setdefault(executor_id, {})
@@ -711,6 +803,8 @@ class CoordinatorFSM:
         CommandType.CANCEL_DAG: _apply_cancel_dag,
         CommandType.SAVE_CHECKPOINT: _apply_save_checkpoint,
         CommandType.REPORT_PROGRESS: _apply_report_progress,
+        CommandType.AUDIT_DECISIONS: _apply_audit_decisions,
+        CommandType.AUDIT_HEAD: _apply_audit_head,
     }
 
     # ------------------------------------------------------------------ helpers
@@ -826,6 +920,8 @@ class CoordinatorFSM:
             "events_compacted_through": self.events_compacted_through,
             "event_index": self._event_index,
             "event_seq": self._event_seq,
+            "audit_heads": [h.row() for h in self.audit.heads],
+            "audit_anchor": self.audit.anchor.row() if self.audit.anchor else None,
         }
         return SnapshotView(
             header,
@@ -834,6 +930,7 @@ class CoordinatorFSM:
             [(key, index, list(ids)) for key, (index, ids) in self._idempotency.items()],
             list(self._events),
             [record for chain in self._checkpoints.values() for record in chain],
+            self.audit.records_from(0, len(self.audit)),
         )
 
     @staticmethod
@@ -847,6 +944,7 @@ class CoordinatorFSM:
             ("idempotency", iter(view.idempotency), len(view.idempotency)),
             ("events", iter(view.events), len(view.events)),
             ("checkpoints", (_checkpoint_row(record) for record in view.checkpoints), len(view.checkpoints)),
+            ("audit", (record.row() for record in view.audit), len(view.audit)),
         )
         for name, rows, count in sections:
             yield _encoder.encode({"section": name, "count": count}).encode()
@@ -878,6 +976,7 @@ class CoordinatorFSM:
         idempotency: OrderedDict[str, tuple[int, tuple[str, ...]]] = OrderedDict()
         events: deque[Event] = deque()
         checkpoints: dict[str, list[CheckpointRecord]] = {}  # absent before FSM_STATE_VERSION 4
+        audit_rows: list[list[Any]] = []  # absent before FSM_STATE_VERSION 6
         section, remaining = None, 0
         for chunk in it:
             item = decode(chunk.decode())
@@ -904,6 +1003,8 @@ class CoordinatorFSM:
             elif section == "checkpoints":
                 for row in item:
                     checkpoints.setdefault(row[0], []).append(CheckpointRecord(*row))
+            elif section == "audit":
+                audit_rows.extend(item)
             else:
                 raise UnknownCommand(f"snapshot section {section!r} is unknown to this node")
         invariant(remaining == 0, f"snapshot section {section} is short by {remaining} rows")
@@ -912,6 +1013,9 @@ class CoordinatorFSM:
             counts[record.status] = counts.get(record.status, 0) + 1
         self.tasks, self.executors, self._idempotency, self._events = tasks, executors, idempotency, events
         self._checkpoints = checkpoints
+        # Every link and hash is recomputed: a chain edited in the snapshot is refused here.
+        self.audit = AuditChain.from_rows({"records": audit_rows, "heads": header.get("audit_heads", []),
+                                           "anchor": header.get("audit_anchor")}, self.limits.audit)
         self.status_counts = counts
         self._rebuild_indexes()
         self.last_applied_index = header["last_applied_index"]
@@ -964,6 +1068,47 @@ class CoordinatorFSM:
             digest.update(chunk)
             digest.update(b"\n")
         return digest.hexdigest()
+
+
+def _str(value: Any) -> str:
+    return value if type(value) is str else ""
+
+
+def _int_or_zero(value: Any) -> int:
+    return value if type(value) is int else 0
+
+
+def _command_name(kind: Any) -> str:
+    try:
+        return CommandType(kind).name
+    except ValueError:
+        return f"COMMAND_{kind}"
+
+
+def audit_resource(kind: Any, command: dict[str, Any]) -> str:
+    """What a command acts on, as its audit record names it. Pure, so the proposer (which signs
+    it) and apply (which records it) agree."""
+    if kind == CommandType.SUBMIT_TASKS:
+        tasks = command.get("tasks")
+        first = tasks[0][0] if type(tasks) is list and tasks and type(tasks[0]) is list and tasks[0] else ""
+        if command.get("dag"):
+            return f"dag:{command['dag']} ({len(tasks)} tasks from task:{first})"
+        return f"task:{first}" if type(tasks) is list and len(tasks) == 1 else f"tasks:{first}+{len(tasks or ()) - 1}"
+    if kind in (CommandType.REGISTER_EXECUTOR,):
+        spec = command.get("ex")
+        return f"executor:{spec.get('id', '')}" if type(spec) is dict else "executor:"
+    if kind in (CommandType.UNREGISTER_EXECUTOR, CommandType.EXECUTOR_LOST):
+        return f"executor:{command.get('id', '')}"
+    if kind == CommandType.CANCEL_DAG:
+        return f"dag:{command.get('dag', '')}"
+    if kind in (CommandType.ASSIGN_TASKS, CommandType.MARK_UNSCHEDULABLE):
+        items = command.get("items")
+        if type(items) is list and items and type(items[0]) is list and items[0]:
+            return f"task:{items[0][0]}" if len(items) == 1 else f"tasks:{items[0][0]}+{len(items) - 1}"
+        return "tasks:"
+    if "id" in command:
+        return f"task:{command.get('id')}"
+    return ""
 
 
 def _checkpoint_row(record: CheckpointRecord) -> list[Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from coordinator.audit import AuditLimits
 from coordinator.checkpoints import CheckpointLimits
 
 
@@ -40,3 +41,4 @@ class StateLimits:
     events_retained_max: int = 100_000
     idempotency_keys_max: int = 100_000
     checkpoints: CheckpointLimits = CheckpointLimits()  # per record, per chain, the whole store, retention
+    audit: AuditLimits = AuditLimits()  # records retained, signed heads retained, field length

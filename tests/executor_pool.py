@@ -27,7 +27,7 @@ class Executors:
         log = open(os.path.join(self.cluster.data_dir, f"executor-{name}.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", executor_type, "--name", name,
-             "--capacity", str(capacity), "--endpoints", ",".join(self.cluster.endpoints)],
+             "--capacity", str(capacity), "--endpoints", ",".join(self.cluster.endpoints), "--data-dir", self.cluster.data_dir],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )

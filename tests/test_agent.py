@@ -23,6 +23,7 @@ import grpc
 import pytest
 
 from cluster.agent import ADAPTER_FACTORIES, AgentLimits, ExecutorAgent, build_adapter
+from cluster.credentials import ClientCredentials
 from executors.algorithmic import AlgorithmicAdapter
 from executors.base import ExecutionContext, ExecutorResult, ExecutorTask
 from proto import coordinator_pb2 as pb
@@ -32,6 +33,8 @@ pytestmark = pytest.mark.timeout(60)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT_S = 5.0
+# The fake nodes below speak plaintext gRPC (the agent's protocol is under test, not TLS).
+INSECURE = ClientCredentials.insecure()
 FAST = AgentLimits(reconnect_backoff_initial_s=0.02, reconnect_backoff_max_s=0.2, welcome_timeout_s=2.0,
                    write_timeout_s=2.0, cancel_grace_s=0.5, shutdown_grace_s=1.0, shutdown_flush_s=0.5,
                    report_resend_interval_s=0.3)
@@ -191,7 +194,7 @@ class CountingAdapter:
 async def running_agent(endpoints: list[str], *, adapter: Any = None, capacity: int = 4, prefetch: int = 0,
                         limits: AgentLimits = FAST) -> AsyncIterator[ExecutorAgent]:
     agent = ExecutorAgent(adapter or CountingAdapter(), executor_id="w1", name="worker-1",
-                          executor_type="algorithmic", capacity=capacity, prefetch=prefetch, endpoints=endpoints,
+                          executor_type="algorithmic", capacity=capacity, prefetch=prefetch, endpoints=endpoints, credentials=INSECURE,
                           limits=limits)
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
@@ -408,7 +411,7 @@ async def test_capacity_bound_and_heartbeat_lists_running_attempts() -> None:
 async def test_shutdown_cancels_running_attempts_and_reports_them_retryable() -> None:
     async with fake_nodes(FakeCoordinator("n1")) as (node,):
         agent = ExecutorAgent(CountingAdapter(), executor_id="w1", name="w1", executor_type="algorithmic",
-                              capacity=2, endpoints=[node.endpoint], limits=FAST)
+                              capacity=2, endpoints=[node.endpoint], limits=FAST, credentials=INSECURE)
         stop = asyncio.Event()
         task = asyncio.create_task(agent.run(stop))
         try:
@@ -447,7 +450,7 @@ def test_build_adapter_names_the_valid_types() -> None:
             build_adapter("cloudru")
     with pytest.raises(ValueError):
         ExecutorAgent(AlgorithmicAdapter(), executor_id="w", name="w", executor_type="algorithmic", capacity=0,
-                      endpoints=["127.0.0.1:1"])
+                      endpoints=["127.0.0.1:1"], credentials=INSECURE)
 
 
 async def _coordctl(*args: str) -> asyncio.subprocess.Process:

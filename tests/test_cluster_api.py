@@ -8,7 +8,7 @@ import time
 import grpc
 import pytest
 
-from cluster.client import ClientError, CoordinatorClient
+from cluster.client import ClientError
 from proto import coordinator_pb2 as pb
 
 pytestmark = pytest.mark.cluster
@@ -22,10 +22,10 @@ def spec(**kwargs) -> pb.TaskSpec:
 def test_writes_to_any_node_and_linearizable_reads(cluster3) -> None:
     ids = []
     for endpoint in cluster3.endpoints:  # one write through each node, followers included
-        with CoordinatorClient([endpoint]) as client:
+        with cluster3.client([endpoint]) as client:
             ids.append(client.submit_task(spec(input_json=json.dumps({"via": endpoint}))).task_id)
     for endpoint in cluster3.endpoints:
-        with CoordinatorClient([endpoint]) as client:
+        with cluster3.client([endpoint]) as client:
             for task_id in ids:
                 task = client.get_task(task_id, linearizable=True)
                 assert task.status == "pending" and task.type == "echo"
@@ -34,7 +34,7 @@ def test_writes_to_any_node_and_linearizable_reads(cluster3) -> None:
 
 
 def test_idempotent_submit_and_dag(cluster3) -> None:
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         first = client.submit_task(spec(), "key-1")
         again = client.submit_task(spec(priority=9, has_priority=True), "key-1")
         assert again.task_id == first.task_id and again.duplicate and not first.duplicate
@@ -67,7 +67,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_single_submit_rejected_with_field_and_state_unchanged(cluster3, case) -> None:
     _, specs, message = case
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         client.submit_task(spec(), "seed")
         before = cluster3.wait_converged()
         with pytest.raises(ClientError) as err:
@@ -86,7 +86,7 @@ def test_bad_dags_rejected_whole(cluster3) -> None:
         ([spec(name=f"n{i}") for i in range(10_001)], "tasks: at most 10000 tasks per submission, got 10001"),
         ([], "tasks: at least one task is required"),
     ]
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         client.submit_task(spec(), "seed")
         before = cluster3.wait_converged()
         for dag, message in cases:
@@ -99,7 +99,7 @@ def test_bad_dags_rejected_whole(cluster3) -> None:
 
 
 def test_cancel_and_wait(cluster3) -> None:
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         task_id = client.submit_task(spec()).task_id
         started = time.monotonic()
         waited = client.wait_tasks([task_id], 0.3)
@@ -116,11 +116,11 @@ def test_cancel_and_wait(cluster3) -> None:
 
 
 def test_watch_from_any_node(cluster3) -> None:
-    with CoordinatorClient(cluster3.endpoints[:1]) as client:
+    with cluster3.client(cluster3.endpoints[:1]) as client:
         dag = client.submit_dag([spec(name="a"), spec(name="b", depends_on=["a"])])
         client.cancel_task(dag.task_ids["b"])
     for endpoint in cluster3.endpoints:
-        with CoordinatorClient([endpoint]) as client:
+        with cluster3.client([endpoint]) as client:
             events = []
             for event in client.watch(from_index=1, kinds=["TaskCreated", "TaskCancelled"], timeout_s=5):
                 events.append((event.kind, event.task_id))
@@ -131,7 +131,7 @@ def test_watch_from_any_node(cluster3) -> None:
 
 
 def test_executor_register_list(cluster3) -> None:
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         request = pb.RegisterExecutorRequest(executor=pb.ExecutorSpec(
             id="exec-1", name="worker", type="algorithmic", supported_task_types=["echo"], capacity=4))
         assert client.call("RegisterExecutor", request).executor_id == "exec-1"
@@ -149,12 +149,13 @@ def test_health_and_reflection(cluster3) -> None:
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
     for endpoint in cluster3.endpoints:
-        with grpc.insecure_channel(endpoint) as channel:
+        credentials = cluster3.admin
+        with credentials.channel(endpoint) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
             responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                  timeout=5)
+                                                  timeout=5, metadata=credentials.metadata())
             names = {s.name for r in responses for s in r.list_services_response.service}
             assert "agentcoordinator.v1.Coordinator" in names and "grpc.health.v1.Health" in names
 
@@ -171,14 +172,16 @@ def test_overload_is_pushed_back_with_resource_exhausted(make_cluster) -> None:
     acked: dict[str, str] = {}
 
     async def flood() -> None:
-        async with grpc.aio.insecure_channel(endpoint) as channel:
+        credentials = cluster.admin
+        async with credentials.aio_channel(endpoint) as channel:
             stub = pb_grpc.CoordinatorStub(channel)
 
             async def one(n: int) -> None:
                 key = f"flood-{n}-{uuid.uuid4().hex[:6]}"
                 for _ in range(200):  # bounded retries with the same key
                     try:
-                        reply = await stub.SubmitTask(pb.SubmitTaskRequest(task=spec(), idempotency_key=key), timeout=10)
+                        reply = await stub.SubmitTask(pb.SubmitTaskRequest(task=spec(), idempotency_key=key), timeout=10,
+                                                      metadata=credentials.metadata())
                         acked[key] = reply.task_id
                         return
                     except grpc.aio.AioRpcError as exc:
@@ -192,6 +195,6 @@ def test_overload_is_pushed_back_with_resource_exhausted(make_cluster) -> None:
 
     asyncio.run(flood())
     assert "RESOURCE_EXHAUSTED" in codes and len(acked) == 64
-    with CoordinatorClient([endpoint]) as client:
+    with cluster.client([endpoint]) as client:
         listed = client.list_tasks(limit=1000, consistency=pb.CONSISTENCY_LINEARIZABLE)
     assert sorted(t.id for t in listed.tasks) == sorted(acked.values())

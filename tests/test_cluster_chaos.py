@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from cluster.client import CoordinatorClient
+
 from cluster.local import LocalCluster, pid_alive
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
@@ -31,9 +31,10 @@ class Submitter:
     """Submits tasks with unique idempotency keys, retrying each on the next node until it is
     acknowledged — as a careful client would during a failover."""
 
-    def __init__(self, endpoints: list[str]) -> None:
+    def __init__(self, cluster: LocalCluster, endpoints: list[str]) -> None:
         self.endpoints = endpoints
-        self.channels = [grpc.insecure_channel(e) for e in endpoints]
+        self.credentials = cluster.admin
+        self.channels = [self.credentials.channel(e) for e in endpoints]
         self.stubs = [pb_grpc.CoordinatorStub(c) for c in self.channels]
         self.acked: dict[str, str] = {}
         self.retries = 0
@@ -48,7 +49,7 @@ class Submitter:
         while time.monotonic() < deadline:
             stub = self.stubs[(n + attempt) % len(self.stubs)]
             try:
-                response = stub.SubmitTask(request, timeout=3.0)
+                response = stub.SubmitTask(request, timeout=3.0, metadata=self.credentials.metadata())
                 with self.lock:
                     self.acked[key] = response.task_id
                 return response.task_id
@@ -66,9 +67,9 @@ class Submitter:
             channel.close()
 
 
-def all_tasks(endpoint: str) -> list[pb.Task]:
+def all_tasks(cluster: LocalCluster, endpoint: str) -> list[pb.Task]:
     tasks: list[pb.Task] = []
-    with CoordinatorClient([endpoint]) as client:
+    with cluster.client([endpoint]) as client:
         after = ""
         for _ in range(10_000):  # bounded paging
             page = client.list_tasks(limit=1000, after_id=after)
@@ -83,7 +84,7 @@ def assert_exactly_once_everywhere(cluster: LocalCluster, acked: dict[str, str])
     cluster.wait_converged(timeout_s=60)
     reference = None
     for endpoint in cluster.endpoints:
-        tasks = all_tasks(endpoint)
+        tasks = all_tasks(cluster, endpoint)
         per_key = Counter(t.metadata["key"] for t in tasks)
         duplicated = [k for k, n in per_key.items() if n > 1]
         assert not duplicated, f"{endpoint}: keys with more than one task: {duplicated[:5]}"
@@ -97,7 +98,7 @@ def assert_exactly_once_everywhere(cluster: LocalCluster, acked: dict[str, str])
 
 
 def test_leader_sigkill_during_1000_concurrent_submits(cluster3) -> None:
-    submitter = Submitter(cluster3.endpoints)
+    submitter = Submitter(cluster3, cluster3.endpoints)
     leader = cluster3.wait_leader()
     killed = threading.Event()
 
@@ -122,7 +123,7 @@ def test_leader_sigkill_during_1000_concurrent_submits(cluster3) -> None:
 
 
 def test_sigstop_leader_then_resume(cluster3) -> None:
-    submitter = Submitter(cluster3.endpoints)
+    submitter = Submitter(cluster3, cluster3.endpoints)
     try:
         for n in range(50):
             submitter.submit(n)
@@ -146,13 +147,13 @@ def test_sigstop_leader_then_resume(cluster3) -> None:
 @pytest.mark.parametrize("how", ["sigterm", "sigkill"])
 def test_stop_all_nodes_and_restart_state_intact(make_cluster, how) -> None:
     cluster = make_cluster(3)
-    submitter = Submitter(cluster.endpoints)
+    submitter = Submitter(cluster, cluster.endpoints)
     try:
         for n in range(100):
             submitter.submit(n)
     finally:
         submitter.close()
-    with CoordinatorClient(cluster.endpoints) as client:
+    with cluster.client(cluster.endpoints) as client:
         client.submit_dag([pb.TaskSpec(name="a", type="echo", metadata={"key": "dag-a"}),
                            pb.TaskSpec(name="b", type="echo", depends_on=["a"], metadata={"key": "dag-b"})])
     before = cluster.wait_converged()
@@ -173,7 +174,7 @@ def test_follower_restarted_after_missing_writes_catches_up(make_cluster, compac
     cluster = make_cluster(3, extra_args=extra)
     leader = cluster.wait_leader()
     follower = next(n.id for n in cluster.nodes if n.id != leader)
-    submitter = Submitter([n.grpc_address for n in cluster.nodes if n.id != follower])
+    submitter = Submitter(cluster, [n.grpc_address for n in cluster.nodes if n.id != follower])
     try:
         for n in range(20):
             submitter.submit(n)
@@ -197,7 +198,7 @@ def test_follower_killed_inside_the_wal_recovers(make_cluster, fault) -> None:
     cluster.start_node("n2")
     cluster.start_node("n3", env={"COORD_WAL_FAULT": fault})
     cluster.wait_leader()
-    submitter = Submitter(cluster.endpoints[:2])
+    submitter = Submitter(cluster, cluster.endpoints[:2])
     try:
         deadline = time.monotonic() + 60
         n = 0
@@ -221,7 +222,7 @@ def test_power_loss_of_the_whole_cluster(make_cluster) -> None:
     for node in cluster.nodes:
         cluster.start_node(node.id, env={"COORD_WAL_CRASH_IMAGE_DIR": os.path.join(node.data_dir, "crash-image")})
     cluster.wait_leader()
-    submitter = Submitter(cluster.endpoints)
+    submitter = Submitter(cluster, cluster.endpoints)
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             list(pool.map(submitter.submit, range(200)))
@@ -262,7 +263,7 @@ def _process_report(pid: int, log_path: str) -> str:
 
 def test_corrupt_snapshot_is_refused_and_node_can_be_rebuilt(make_cluster) -> None:
     cluster = make_cluster(3, extra_args=["--log-compaction-min-entries", "10"])
-    submitter = Submitter(cluster.endpoints)
+    submitter = Submitter(cluster, cluster.endpoints)
     try:
         for n in range(60):
             submitter.submit(n)

@@ -66,7 +66,7 @@ def check_resumed_once(task: pb.Task, resumed_from: int, first: int = 1, second:
 
 def test_a_task_killed_midway_resumes_on_another_executor_without_redoing_steps(cluster3, executors) -> None:
     executors.start("first", capacity=1)
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         task_id = client.submit_task(steps_spec(STEPS, step_ms=40)).task_id
         wait_checkpoint(client, task_id, 25)
@@ -134,11 +134,13 @@ async def test_a_checkpoint_acknowledged_just_before_the_leader_dies_is_not_lost
     at = 20
     adapter = KillLeaderAfterCheckpoint(cluster3, at)
     agent = ExecutorAgent(adapter, executor_id="tripwire", name="tripwire", executor_type="algorithmic", capacity=1,
-                          endpoints=cluster3.endpoints)
+                          endpoints=cluster3.endpoints,
+                          credentials=cluster3.credentials(cert_name="executor", subject="executor:tripwire",
+                                                           roles=("agent:executor",)))
     stop = asyncio.Event()
     running = asyncio.create_task(agent.run(stop))
     try:
-        with CoordinatorClient(cluster3.endpoints) as client:
+        with cluster3.client(cluster3.endpoints) as client:
             await asyncio.to_thread(wait_online, client, 1)
             task_id = (await asyncio.to_thread(client.submit_task, steps_spec(STEPS, step_ms=10))).task_id
             await asyncio.wait_for(adapter.acknowledged.wait(), 60)
@@ -165,7 +167,7 @@ def test_retention_keeps_a_long_task_bounded(cluster3, executors) -> None:
     limits = CheckpointLimits()
     steps = 2000
     executors.start("long", capacity=1)
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         task_id = client.submit_task(steps_spec(steps, step_ms=0)).task_id
         task = wait_final(client, [task_id], timeout_s=240)[0]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from cluster.client import CoordinatorClient
+
 from proto import coordinator_pb2 as pb
 
 pytestmark = pytest.mark.cluster
@@ -23,7 +23,7 @@ def test_journal_stays_bounded_under_steady_load(make_cluster) -> None:
     cluster = make_cluster(3, extra_args=["--log-compaction-min-entries", str(COMPACT_AFTER_ENTRIES)])
     payload = '{"blob": "' + "x" * 2000 + '"}'
     sizes = []
-    with CoordinatorClient(cluster.endpoints) as client:
+    with cluster.client(cluster.endpoints) as client:
         for round_ in range(4):
             for n in range(300):  # one entry each: sequential submits do not batch
                 client.submit_task(pb.TaskSpec(type="echo", input_json=payload), f"r{round_}-{n}")
@@ -48,7 +48,7 @@ def test_snapshots_work_when_the_last_entries_are_big_dags(make_cluster) -> None
     cluster = make_cluster(3, extra_args=["--log-compaction-min-entries", "10"])
     leader = cluster.wait_leader()
     follower = next(n.id for n in cluster.nodes if n.id != leader)
-    with CoordinatorClient(cluster.endpoints) as client:
+    with cluster.client(cluster.endpoints) as client:
         for round_ in range(30):
             dag = [pb.TaskSpec(name=f"t{i}", type="echo", input_json='{"pad": "%s"}' % ("y" * 40),
                                depends_on=[f"t{i - 1}"] if i % 10 else []) for i in range(1000)]

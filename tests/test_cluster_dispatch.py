@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from cluster.client import CoordinatorClient
+
 from proto import coordinator_pb2 as pb
 from tests.executor_pool import ROOT, wait_final, wait_online
 
@@ -23,13 +23,13 @@ WORKLOADS = os.path.join(os.path.dirname(ROOT), "shared", "workloads")
 RUNTIME_SCALE = 0.0005  # a 13 s task of the trace sleeps 6.5 ms
 
 
-def events_by_task(endpoint: str, kinds: set[str], until_index: int) -> dict[str, list[tuple[int, str, str]]]:
+def events_by_task(cluster, endpoint: str, kinds: set[str], until_index: int) -> dict[str, list[tuple[int, str, str]]]:
     """Every event of `kinds` up to and including index `until_index`, by task. One index can hold
     many events, so the stream is read until it passes that index or goes quiet."""
     import grpc
 
     out: dict[str, list[tuple[int, str, str]]] = {}
-    with CoordinatorClient([endpoint]) as client:
+    with cluster.client([endpoint]) as client:
         try:
             for event in client.watch(from_index=1, kinds=sorted(kinds), timeout_s=5):
                 if event.index > until_index:
@@ -48,14 +48,14 @@ def test_workflow_runs_in_dependency_order_on_four_executors(cluster3, executors
                          depends_on=t["deps"]) for t in workflow]
     for i in range(4):
         executors.start(f"w{i}", capacity=4)
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 4)
         submitted = client.submit_dag(specs, "montage")
         ids = list(submitted.ordered_ids)
         tasks = wait_final(client, ids, timeout_s=240)
         assert {t.status for t in tasks} == {"completed"}
         final_index = client.call("ClusterStatus", pb.ClusterStatusRequest()).node.applied_index
-    events = events_by_task(cluster3.endpoints[0], {"TaskAssigned", "TaskCompleted"}, final_index)
+    events = events_by_task(cluster3, cluster3.endpoints[0], {"TaskAssigned", "TaskCompleted"}, final_index)
     name_of = dict(zip(ids, (t["id"] for t in workflow), strict=True))
     id_of = {v: k for k, v in name_of.items()}
     completed_at = {}
@@ -74,7 +74,7 @@ def test_workflow_runs_in_dependency_order_on_four_executors(cluster3, executors
 
 def test_executor_killed_mid_task_its_tasks_complete_elsewhere_once(cluster3, executors) -> None:
     executors.start("doomed", capacity=4)
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         ids = list(client.submit_dag([pb.TaskSpec(name=f"s{i}", type="sleep", input_json='{"ms": 3000}')
                                       for i in range(4)]).ordered_ids)
@@ -95,7 +95,7 @@ def test_paused_executor_past_its_lease_is_fenced_out(cluster3, executors) -> No
     """SIGSTOP an executor mid-task for longer than its lease: the leader declares it lost, the
     task runs again elsewhere, and the paused executor's late result is rejected."""
     executors.start("sleepy", capacity=1)
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         task_id = client.submit_task(pb.TaskSpec(type="sleep", input_json='{"ms": 1500}')).task_id
         deadline = time.monotonic() + 20
@@ -127,7 +127,7 @@ def test_leader_killed_mid_dag_completes_without_duplicates(cluster3, executors)
                          depends_on=[f"n{i - 1}"] if i % 10 else []) for i in range(200)]
     executors.start("a", capacity=4)
     executors.start("b", capacity=4)
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 2)
         ids = list(client.submit_dag(specs, "chains").ordered_ids)
         deadline = time.monotonic() + 30
@@ -143,14 +143,14 @@ def test_leader_killed_mid_dag_completes_without_duplicates(cluster3, executors)
     cluster3.start_node(leader)
     cluster3.wait_converged(timeout_s=60)
     status = cluster3.statuses()[leader]
-    events = events_by_task(cluster3.node(leader).grpc_address, {"TaskCompleted"}, status.applied_index)
+    events = events_by_task(cluster3, cluster3.node(leader).grpc_address, {"TaskCompleted"}, status.applied_index)
     assert all([e[1] for e in events[t]].count("TaskCompleted") == 1 for t in ids)
 
 
 def test_retries_dead_letter_requeue_unschedulable_and_cancel(cluster3, executors, tmp_path) -> None:
     executors.start("worker", capacity=1)
     data_dir = cluster3.data_dir
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         flaky = client.submit_task(pb.TaskSpec(type="fail", input_json='{"times": 1}', max_attempts=3)).task_id
         doomed = client.submit_task(pb.TaskSpec(type="fail", input_json='{"times": 2}', max_attempts=2)).task_id
@@ -193,7 +193,7 @@ def test_retries_dead_letter_requeue_unschedulable_and_cancel(cluster3, executor
 def test_cancelling_a_dag_stops_its_running_tasks_and_cancels_the_rest(cluster3, executors) -> None:
     executors.start("worker", capacity=2)
     env = {**os.environ, "COORDCTL_DATA_DIR": cluster3.data_dir}
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         done = client.submit_dag([pb.TaskSpec(name="quick", type="echo")])
         client.wait_tasks(list(done.ordered_ids), 20)
@@ -227,7 +227,7 @@ def test_cancelling_a_dag_stops_its_running_tasks_and_cancels_the_rest(cluster3,
 def test_a_running_task_delegates_subtasks_and_waits_for_them(cluster3, executors) -> None:
     executors.start("worker", capacity=4)
     children = [{"type": "echo", "input": {"i": i}} for i in range(3)]
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 1)
         dag = client.submit_dag([pb.TaskSpec(name="parent", type="fanout", input_json=json.dumps({"children": children})),
                                  pb.TaskSpec(name="after", type="echo", depends_on=["parent"])])

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from cluster.client import CoordinatorClient
+
 from proto import coordinator_pb2 as pb
 from tests.executor_pool import wait_final, wait_online
 
@@ -36,7 +36,7 @@ def test_a_dag_runs_on_a_local_llm_and_a_specialized_ml_executor(cluster3, execu
              depends_on=("draft",)),
         spec("index", "embed", {"texts": ["incident report", "server outage"]}, depends_on=("summary",)),
     ]
-    with CoordinatorClient(cluster3.endpoints) as client:
+    with cluster3.client(cluster3.endpoints) as client:
         wait_online(client, 2, timeout_s=60)          # the ML executor loads its model first
         submitted = client.submit_dag(dag, "llm-e2e")
         ids = {name: submitted.task_ids[name] for name in ("triage", "review", "draft", "summary", "index")}

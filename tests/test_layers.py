@@ -17,7 +17,8 @@ ALLOWED = {
     "scheduler": {"scheduler", "coordinator"},
     # the LLM adapters' clients (openai uses httpx2 underneath; stream errors surface from it)
     "executors": {"executors", "coordinator", "pydantic", "openai", "httpx", "httpx2", "jsonschema"},
-    "security": {"security", "coordinator", "cryptography"},
+    # JWTs (pyjwt) and the RBAC policy file (YAML)
+    "security": {"security", "coordinator", "cryptography", "jwt", "yaml"},
 }
 
 
