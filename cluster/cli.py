@@ -39,6 +39,7 @@ executor_app = typer.Typer(help="Inspect executors.", no_args_is_help=True)
 checkpoint_app = typer.Typer(help="Inspect task checkpoints.", no_args_is_help=True)
 certs_app = typer.Typer(help="The cluster CA and its certificates (for mTLS).", no_args_is_help=True)
 token_app = typer.Typer(help="JWT identities: issue tokens, rotate the signing key.", no_args_is_help=True)
+secret_app = typer.Typer(help="Envelope-encrypted secrets (API keys) in replicated state.", no_args_is_help=True)
 audit_app = typer.Typer(help="The signed, hash-chained audit log: list, export, verify.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(node_app, name="node")
@@ -50,6 +51,7 @@ app.add_typer(checkpoint_app, name="checkpoint")
 app.add_typer(certs_app, name="certs")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+app.add_typer(secret_app, name="secret")
 
 # Piped output keeps full columns instead of the 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -741,6 +743,80 @@ def token_retire_key(kid: str = typer.Argument(..., help="a key id that is not t
     console.print(f"retired {kid}")
 
 
+# ---------------------------------------------------------------------------------- secrets
+@secret_app.command("put")
+def secret_put(
+    name: str = typer.Argument(..., help="1..128 chars of [A-Za-z0-9_.-], e.g. cloudru_api_key"),
+    from_file: str = typer.Option("", "--from-file", help="read the value from this file (else from stdin)"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+) -> None:
+    """Store a secret. The value is read from a file or stdin (never an argument, so it stays out
+    of shell history and process lists); the node seals it, only the envelope is replicated."""
+    from security.secrets import SECRET_BYTES_MAX
+
+    try:
+        if from_file:
+            with open(from_file, "rb") as f:
+                raw = f.read(SECRET_BYTES_MAX + 2)
+        else:
+            raw = sys.stdin.buffer.read(SECRET_BYTES_MAX + 2)
+    except OSError as exc:
+        fail(f"--from-file: {exc.strerror}")
+    value = raw.decode(errors="strict").rstrip("\n") if raw else ""
+    client = client_for(endpoints, data_dir)
+    reply = call(client.call, "PutSecret", pb.PutSecretRequest(name=name, value=value), retry=False)
+    console.print(f"secret {name} stored (index {reply.index})")
+
+
+@secret_app.command("list")
+def secret_list(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
+    """Names, the KEK wrapping each, and when each changed (never values)."""
+    client = client_for(endpoints, data_dir)
+    reply = call(client.call, "ListSecrets", pb.ListSecretsRequest())
+    rows = [{"name": s.name, "kek_id": s.kek_id, "updated": fmt_ms(s.updated_unix_ms)} for s in reply.secrets]
+    if output == Output.json:
+        emit_json({"secrets": rows})
+        return
+    table = Table(title="secrets")
+    for column in ("name", "kek_id", "updated"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["kek_id"], row["updated"])
+    console.print(table)
+
+
+@secret_app.command("delete")
+def secret_delete(name: str = typer.Argument(...), endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt) -> None:
+    client = client_for(endpoints, data_dir)
+    call(client.call, "DeleteSecret", pb.DeleteSecretRequest(name=name), retry=False)
+    console.print(f"secret {name} deleted")
+
+
+@secret_app.command("rotate-kek")
+def secret_rotate_kek(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, output: Output = OutputOpt) -> None:
+    """Rotate the key-encryption key of a local cluster: a new KEK goes first in
+    DATA_DIR/certs/secrets.kek (the nodes re-read it), every data key is re-wrapped under it
+    through the cluster, then the old KEK is dropped from the file."""
+    from cluster.credentials import KEK_FILE
+    from security.secrets import Kek, KekRing, SecretError, write_kek_file
+
+    path = os.path.join(_Auth.certs_dir or _certs_dir(data_dir), KEK_FILE)
+    try:
+        old = KekRing(path).active
+    except SecretError as exc:
+        fail(str(exc))
+    new = Kek.generate()
+    write_kek_file(path, [new, old])
+    client = client_for(endpoints, data_dir)
+    reply = call(client.call, "RewrapSecrets", pb.RewrapSecretsRequest(), retry=False)
+    write_kek_file(path, [new])
+    if output == Output.json:
+        emit_json({"kek_id": reply.kek_id, "rewrapped": reply.rewrapped, "old_kek_id": old.kek_id})
+    else:
+        console.print(f"KEK {old.kek_id} -> {reply.kek_id}: {reply.rewrapped} secrets re-wrapped")
+
+
 # ---------------------------------------------------------------------------------- audit
 def _fetch_audit(client: CoordinatorClient, page_max: int = 5000) -> tuple[list, list, Any]:
     """Every retained record of one node's chain, page by page (bounded by the chain's size)."""
@@ -1006,6 +1082,9 @@ def executor_run(
                                                        "slot that frees starts the next one at once (0-10000)"),
     heartbeat_interval_s: float = typer.Option(1.0, "--heartbeat-interval-s",
                                                help="used until the node's welcome names its own"),
+    secret_env: list[str] = typer.Option([], "--secret-env", help="VAR=SECRET: the adapter sees the cluster "
+                                                                  "secret SECRET as VAR (e.g. CLOUDRU_API_KEY="
+                                                                  "cloudru_api_key); repeatable"),
     log_level: str = typer.Option("INFO", "--log-level"),
     endpoints: str = EndpointsOpt,
     data_dir: str = DataDirOpt,
@@ -1023,14 +1102,23 @@ def executor_run(
         fail(f"--capacity: >= 1, got {capacity}")
     if not 0 <= prefetch <= PREFETCH_MAX:
         fail(f"--prefetch: between 0 and {PREFETCH_MAX}, got {prefetch}")
-    try:
-        adapter = build_adapter(type_)
-    except ValueError as exc:
-        fail(str(exc))
     eps = call(resolve_endpoints, endpoints, data_dir)
     configure_logging(log_level)
     credentials = credentials_for(data_dir, cert_name=_Auth.cert_name if _Auth.cert_name != "cli" else "executor",
                                   subject=f"executor:{executor_id or name}", roles=("agent:executor",))
+    env = dict(os.environ)
+    if secret_env:
+        # Fetched once at start over mTLS; held in this process only (never os.environ or a file).
+        with CoordinatorClient(eps, credentials=credentials) as secrets_client:
+            for item in secret_env:
+                variable, _, secret_name = item.partition("=")
+                if not variable or not secret_name:
+                    fail(f"--secret-env: VAR=SECRET, got {item!r}")
+                env[variable] = call(secrets_client.call, "GetSecret", pb.GetSecretRequest(name=secret_name)).value
+    try:
+        adapter = build_adapter(type_, env)
+    except ValueError as exc:
+        fail(str(exc))
     try:
         checkpoint_settings = CheckpointSettings(on_action=checkpoint_on_action, interval_s=checkpoint_interval_s)
     except ValueError as exc:

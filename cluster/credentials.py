@@ -34,6 +34,7 @@ import grpc
 TOKEN_ENV = "COORD_TOKEN"
 TOKEN_FILE_ENV = "COORD_TOKEN_FILE"
 JWT_KEYS_FILE = "jwt-keys.json"
+KEK_FILE = "secrets.kek"    # the secrets' key-encryption keys, active first (or COORD_SECRETS_KEK)
 # A minted token is replaced once less than this share of its lifetime is left.
 TOKEN_REFRESH_FRACTION = 1 / 3
 MINTED_TOKEN_TTL_S = 900

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from cluster.credentials import JWT_KEYS_FILE, ClientCredentials, TokenMinter
+from cluster.credentials import JWT_KEYS_FILE, KEK_FILE, ClientCredentials, TokenMinter
 from proto import coordinator_pb2 as pb
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ class LocalCluster:
         the nodes' audit signing keys, once per data dir."""
         from security.audit import generate_node_key
         from security.certs import init_cluster, issue
+        from security.secrets import Kek, write_kek_file
         from security.tokens import KeyRing
 
         if not os.path.exists(os.path.join(self.certs_dir, "ca.key")):
@@ -112,6 +113,9 @@ class LocalCluster:
             KeyRing.create(keys_path)
         for node_id in node_ids:
             generate_node_key(Path(self.certs_dir), node_id)
+        kek_path = os.path.join(self.certs_dir, KEK_FILE)
+        if not os.path.exists(kek_path):
+            write_kek_file(kek_path, [Kek.generate()])
 
     def credentials(self, *, cert_name: str = "cli", subject: str = "local-admin",
                     roles: tuple[str, ...] = ("admin",), ttl_s: int = 900) -> ClientCredentials:

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cluster.credentials import JWT_KEYS_FILE, ClientCredentials
+from cluster.credentials import JWT_KEYS_FILE, KEK_FILE, ClientCredentials
 from cluster.auth import AuditStamper, AuthInterceptor, DecisionLog, ServerTls, audit_loop
 from cluster.dispatch import DispatchSettings, Dispatcher
 from cluster.proposer import Proposer, ProposerLimits
@@ -35,6 +35,7 @@ from coordinator.limits import Limits
 from proto import coordinator_pb2 as pb
 from security.audit import AuditError, AuditSigner
 from security.ratelimit import RateLimiter
+from security.secrets import KekRing
 from security.rbac import Policy, PolicyError
 from security.tokens import KeyRing, TokenIssuer, TokenVerifier
 from proto import coordinator_pb2_grpc as pb_grpc
@@ -182,6 +183,7 @@ class Node:
             fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters, limits=config.limits,
             node_status=self.status, dispatcher=self.dispatcher, checkpoints=checkpoints,
             decisions=self.decisions, token_issuer=self.token_issuer,
+            keks=None if config.insecure_dev else KekRing(os.path.join(config.certs_dir, KEK_FILE)),
         )
         pb_grpc.add_CoordinatorServicer_to_server(service, self.server)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()

@@ -136,8 +136,16 @@ class SnapshotSerializer:
         else:
             header, records = read_snapshot(self._path)  # raises SnapshotCorrupt: never load bad state
         prev_command, last_command = records[0], records[1]
-        with self._fsm_lock:
-            self._fsm.restore_chunks(records[2:])
+        try:
+            with self._fsm_lock:
+                self._fsm.restore_chunks(records[2:])
+        except Exception:  # noqa: BLE001 — pysyncobj would log it and go on without the state
+            # A snapshot that passes its checksum but whose state does not restore (e.g. an audit
+            # chain whose hashes do not reproduce: edited on disk) must stop the node, not leave
+            # it running on an empty state.
+            log.critical("snapshot %s does not restore; stopping this node", self._path, exc_info=True)
+            logging.shutdown()
+            os._exit(EXIT_CANNOT_APPLY)
         last_index, last_term = header["last_entry"]
         prev_index, prev_term = header["prev_entry"]
         return (None, (last_command, last_index, last_term), (prev_command, prev_index, prev_term), header["cluster"])

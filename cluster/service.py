@@ -19,12 +19,13 @@ from coordinator import commands as cmd
 from coordinator.audit import AuditHead
 from coordinator.checkpoints import CheckpointRecord, canonical_json, checkpoint_id, restore
 from coordinator.errors import CoordinatorError, InvalidArgument
-from coordinator.fsm import FINAL_STATUSES, CoordinatorFSM, ExecutorRecord, TaskRecord
+from coordinator.fsm import ENVELOPE_FIELDS, FINAL_STATUSES, CoordinatorFSM, ExecutorRecord, TaskRecord
 from coordinator.limits import Limits
 from coordinator.model import TaskStatus
 from coordinator.validation import ExecutorInput, TaskInput, build_executor_spec, build_task_specs, check_idempotency_key
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
+from security.secrets import Kek, KekRing, SecretError, rewrap, seal, unseal
 from security.tokens import TOKEN_TTL_S_DEFAULT, TOKEN_TTL_S_MAX
 from wal.checkpoint_store import CheckpointStore
 
@@ -175,7 +176,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         checkpoints: CheckpointStore | None = None,
         decisions: DecisionLog | None = None,
         token_issuer: Any = None,
+        keks: KekRing | None = None,
     ) -> None:
+        self._keks = keks
         self._decisions = decisions
         self._token_issuer = token_issuer
         self._dispatcher = dispatcher
@@ -516,6 +519,69 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                     digest=r.digest, sig=r.sig, prev=r.prev, hash=r.hash) for r in records],
             heads=[audit_head_to_pb(h) for h in heads], anchor=audit_head_to_pb(anchor) if anchor else None,
             has_anchor=anchor is not None, last_seq=last_seq)
+
+    # -- secrets ---------------------------------------------------------------------------
+    async def _kek(self, context, kek_id: str = "") -> Kek:
+        try:
+            if self._keks is None:
+                raise SecretError("no KEK on this node (started with --insecure-dev?)")
+            return self._keks.by_id(kek_id) if kek_id else self._keks.active
+        except SecretError as exc:
+            await self._abort(context, "FAILED_PRECONDITION", f"secrets: {exc}")
+
+    async def PutSecret(self, request: pb.PutSecretRequest, context) -> pb.PutSecretResponse:  # noqa: N802
+        kek = await self._kek(context)
+        try:
+            envelope = seal(request.name, request.value, kek)
+        except SecretError as exc:
+            await self._abort(context, "INVALID_ARGUMENT", str(exc))
+        value = await self._propose(cmd.put_secret(now_ms(), request.name, envelope), context)
+        return pb.PutSecretResponse(index=value["index"])
+
+    async def GetSecret(self, request: pb.GetSecretRequest, context) -> pb.GetSecretResponse:  # noqa: N802
+        envelope = self._fsm.secrets.get(request.name)
+        if envelope is None:
+            await self._abort(context, "NOT_FOUND", f"name: no secret {request.name[:128]!r}")
+        kek = await self._kek(context, envelope["kek_id"])
+        try:
+            value = unseal(request.name, envelope, kek)
+        except SecretError as exc:
+            await self._abort(context, "FAILED_PRECONDITION", str(exc))
+        access = current_access.get()
+        if self._decisions is not None and access is not None:   # who read which secret
+            self._decisions.record(access.subject, access.principal.roles, "access:GetSecret",
+                                   f"secret:{request.name}", "allowed")
+        return pb.GetSecretResponse(value=value)
+
+    async def ListSecrets(self, request: pb.ListSecretsRequest, context) -> pb.ListSecretsResponse:  # noqa: N802
+        return pb.ListSecretsResponse(secrets=[
+            pb.SecretInfo(name=name, kek_id=e["kek_id"], updated_unix_ms=e["updated_ms"])
+            for name, e in sorted(self._fsm.secrets.items())])
+
+    async def DeleteSecret(self, request: pb.DeleteSecretRequest, context) -> pb.DeleteSecretResponse:  # noqa: N802
+        value = await self._propose(cmd.delete_secret(now_ms(), request.name), context)
+        return pb.DeleteSecretResponse(index=value["index"])
+
+    async def RewrapSecrets(self, request: pb.RewrapSecretsRequest, context) -> pb.RewrapSecretsResponse:  # noqa: N802
+        """After `coordctl secret rotate-kek` put a new KEK first in the KEK file: re-wrap the
+        data keys still wrapped by an older one, one KEK at a time, all or nothing each."""
+        active = await self._kek(context)
+        await self._barrier(pb.CONSISTENCY_LINEARIZABLE, context)
+        total = 0
+        old_ids = sorted({e["kek_id"] for e in self._fsm.secrets.values() if e["kek_id"] != active.kek_id})
+        for old_id in old_ids:
+            old = await self._kek(context, old_id)
+            items = {}
+            try:
+                for name, envelope in self._fsm.secrets.items():
+                    if envelope["kek_id"] == old_id:
+                        held = {k: envelope[k] for k in ENVELOPE_FIELDS}
+                        items[name] = rewrap(name, held, old, active)
+            except SecretError as exc:
+                await self._abort(context, "FAILED_PRECONDITION", str(exc))
+            value = await self._propose(cmd.rewrap_secrets(now_ms(), old_id, items), context)
+            total += value["rewrapped"]
+        return pb.RewrapSecretsResponse(rewrapped=total, kek_id=active.kek_id)
 
     async def RelayHeartbeats(self, request: pb.RelayHeartbeatsRequest, context) -> pb.RelayHeartbeatsResponse:  # noqa: N802
         self._dispatcher.relay(list(request.executor_ids))

@@ -43,6 +43,9 @@ class CommandType(IntEnum):
     REPORT_PROGRESS = 15  # the lease holder reports progress (fenced; agents send at most ~1/s per attempt)
     AUDIT_DECISIONS = 16  # access decisions (allowed / denied) a node made, each signed by it
     AUDIT_HEAD = 17  # the leader's signed checkpoint of the audit chain's head (seq, hash)
+    PUT_SECRET = 18  # an envelope-encrypted secret (sealed by the proposer; never plaintext in the log)
+    DELETE_SECRET = 19
+    REWRAP_SECRETS = 20  # KEK rotation: every secret's data key wrapped by the new KEK, all or nothing
 
 
 # Keys any command may carry (issue 6), stamped by the proposer:
@@ -195,6 +198,21 @@ def audit_decisions(node_id: str, items: list[dict[str, Any]]) -> dict[str, Any]
 
 def audit_head(now_ms: int, node_id: str, seq: int, head_hash: str, signature: str) -> dict[str, Any]:
     return {"t": CommandType.AUDIT_HEAD, "now": now_ms, "n": node_id, "seq": seq, "hash": head_hash, "s": signature}
+
+
+def put_secret(now_ms: int, name: str, envelope: dict[str, str]) -> dict[str, Any]:
+    """envelope: kek_id, key_nonce, wrapped_key, nonce, ciphertext (security/secrets.py seal)."""
+    return {"t": CommandType.PUT_SECRET, "now": now_ms, "name": name, "env": envelope}
+
+
+def delete_secret(now_ms: int, name: str) -> dict[str, Any]:
+    return {"t": CommandType.DELETE_SECRET, "now": now_ms, "name": name}
+
+
+def rewrap_secrets(now_ms: int, from_kek_id: str, items: dict[str, dict[str, str]]) -> dict[str, Any]:
+    """items: name -> the envelope with its data key re-wrapped (kek_id, key_nonce, wrapped_key
+    change; the ciphertext does not)."""
+    return {"t": CommandType.REWRAP_SECRETS, "now": now_ms, "from": from_kek_id, "items": items}
 
 
 def save_checkpoint(now_ms: int, task_id: str, attempt: int, executor_id: str, record: dict[str, Any]) -> dict[str, Any]:

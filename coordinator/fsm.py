@@ -60,7 +60,7 @@ SNAPSHOT_FORMAT = 1
 # 4: checkpoints (a "checkpoints" snapshot section, TaskRecord.checkpoint_sequence, events).
 # 5: ExecutorRecord.resumable; TaskRecord.progress/progress_message/progress_ms (REPORT_PROGRESS).
 # 6: ExecutorRecord.owner; the audit chain (an "audit" snapshot section, header audit_heads /
-#    audit_anchor); ownership checks (PERMISSION_DENIED results).
+#    audit_anchor); ownership checks (PERMISSION_DENIED results); envelope-encrypted secrets.
 FSM_STATE_VERSION = 6
 SNAPSHOT_ROWS_PER_CHUNK = 1000
 SNAPSHOT_CHECKPOINT_ROWS_PER_CHUNK = 16  # a record holds up to checkpoint_bytes_max of payload
@@ -69,6 +69,7 @@ FINAL_STATUSES = frozenset({"completed", "failed", "cancelled", "dead_letter"})
 LEASED_STATUSES = frozenset({"assigned", "executing"})
 UNSUCCESSFUL_STATUSES = frozenset({"failed", "cancelled", "dead_letter"})
 HISTORY_ENTRIES_MAX = 100  # per task: attempts beyond this keep only the newest
+ENVELOPE_FIELDS = ("kek_id", "key_nonce", "wrapped_key", "nonce", "ciphertext")
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -169,10 +170,11 @@ Event = tuple[int, int, str, str, str, int, str]
 class SnapshotView:
     """A consistent, frozen view of the state for encoding off the apply thread."""
 
-    __slots__ = ("header", "tasks", "executors", "idempotency", "events", "checkpoints", "audit")
+    __slots__ = ("header", "tasks", "executors", "idempotency", "events", "checkpoints", "audit", "secrets")
 
     def __init__(self, header: dict[str, Any], tasks: list, executors: list, idempotency: list, events: list,
-                 checkpoints: list | None = None, audit: list | None = None) -> None:
+                 checkpoints: list | None = None, audit: list | None = None, secrets: list | None = None) -> None:
+        self.secrets = secrets or []  # [name, envelope] (envelopes only)
         self.header = header
         self.tasks = tasks
         self.executors = executors
@@ -214,6 +216,9 @@ class CoordinatorFSM:
         # The audit hash chain (coordinator/audit.py): one record per command that carries an
         # audit stamp "a" (the proposer's signature) and per access decision; snapshotted.
         self.audit = AuditChain(self.limits.audit)
+        # Secrets as envelopes only (name -> kek_id, key_nonce, wrapped_key, nonce, ciphertext,
+        # updated_ms): the proposer sealed them; no replica ever holds a plaintext.
+        self.secrets: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ apply
     def apply_entry(self, index: int, payload: bytes) -> list[ApplyResult]:
@@ -303,6 +308,60 @@ class CoordinatorFSM:
                 action=_str(item.get("act")), resource=_str(item.get("res")), outcome=_str(item.get("o")),
                 digest=_str(item.get("d")), sig=_str(item.get("s")))
         return ApplyResult(True, {"index": index, "records": len(items)})
+
+    def _envelope_problem(self, name: Any, envelope: Any) -> str:
+        if type(name) is not str or not 1 <= len(name) <= 128:
+            return "name: 1..128 chars"
+        if type(envelope) is not dict or set(envelope) != set(ENVELOPE_FIELDS):
+            return f"secret {name!r}: an envelope with exactly {', '.join(ENVELOPE_FIELDS)}"
+        if any(type(v) is not str for v in envelope.values()):
+            return f"secret {name!r}: envelope fields are strings"
+        if sum(len(v) for v in envelope.values()) > self.limits.secret_envelope_chars_max:
+            return f"secret {name!r}: envelope over secret_envelope_chars_max={self.limits.secret_envelope_chars_max}"
+        return ""
+
+    def _apply_put_secret(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        name, envelope = command.get("name"), command.get("env")
+        problem = self._envelope_problem(name, envelope)
+        if problem:
+            return ApplyResult.error("INVALID_ARGUMENT", problem)
+        if name not in self.secrets and len(self.secrets) >= self.limits.secrets_max:
+            return ApplyResult.error("RESOURCE_EXHAUSTED", f"secrets: at most secrets_max={self.limits.secrets_max}")
+        now_ms = _int_or_zero(command.get("now"))
+        self.secrets[name] = {**envelope, "updated_ms": now_ms}
+        self._events.append(self._event(index, "SecretPut", "", "", now_ms, _encoder.encode({"name": name})))
+        self._trim_events()
+        return ApplyResult(True, {"name": name, "index": index})
+
+    def _apply_delete_secret(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        name = command.get("name")
+        if self.secrets.pop(name, None) is None:
+            return ApplyResult.error("NOT_FOUND", f"name: no secret {str(name)[:128]!r}")
+        now_ms = _int_or_zero(command.get("now"))
+        self._events.append(self._event(index, "SecretDeleted", "", "", now_ms, _encoder.encode({"name": name})))
+        self._trim_events()
+        return ApplyResult(True, {"name": name, "index": index})
+
+    def _apply_rewrap_secrets(self, index: int, command: dict[str, Any]) -> ApplyResult:
+        """All or nothing: the items must cover exactly the secrets wrapped by the old KEK, and
+        only the key-wrapping fields may change."""
+        items, from_id = command.get("items"), command.get("from")
+        if type(items) is not dict:
+            return ApplyResult.error("INVALID_ARGUMENT", "items: an object of name -> envelope")
+        wrapped_by_old = {n for n, e in self.secrets.items() if e.get("kek_id") == from_id}
+        if set(items) != wrapped_by_old:
+            return ApplyResult.error("FAILED_PRECONDITION", "rewrap: the secrets wrapped by KEK "
+                                     f"{str(from_id)[:32]} changed meanwhile; run the rotation again")
+        for name, envelope in items.items():
+            problem = self._envelope_problem(name, envelope)
+            held = self.secrets[name]
+            if problem or envelope["nonce"] != held["nonce"] or envelope["ciphertext"] != held["ciphertext"]:
+                return ApplyResult.error("INVALID_ARGUMENT", problem or f"secret {name!r}: a rewrap changes only the "
+                                                                       "wrapped data key")
+        now_ms = _int_or_zero(command.get("now"))
+        for name, envelope in items.items():
+            self.secrets[name] = {**envelope, "updated_ms": now_ms}
+        return ApplyResult(True, {"rewrapped": len(items), "index": index})
 
     def _apply_audit_head(self, index: int, command: dict[str, Any]) -> ApplyResult:
         """A signed checkpoint of the chain head by the leader: lets old records be pruned and
@@ -805,6 +864,9 @@ class CoordinatorFSM:
         CommandType.REPORT_PROGRESS: _apply_report_progress,
         CommandType.AUDIT_DECISIONS: _apply_audit_decisions,
         CommandType.AUDIT_HEAD: _apply_audit_head,
+        CommandType.PUT_SECRET: _apply_put_secret,
+        CommandType.DELETE_SECRET: _apply_delete_secret,
+        CommandType.REWRAP_SECRETS: _apply_rewrap_secrets,
     }
 
     # ------------------------------------------------------------------ helpers
@@ -931,6 +993,7 @@ class CoordinatorFSM:
             list(self._events),
             [record for chain in self._checkpoints.values() for record in chain],
             self.audit.records_from(0, len(self.audit)),
+            sorted(self.secrets.items()),
         )
 
     @staticmethod
@@ -945,6 +1008,7 @@ class CoordinatorFSM:
             ("events", iter(view.events), len(view.events)),
             ("checkpoints", (_checkpoint_row(record) for record in view.checkpoints), len(view.checkpoints)),
             ("audit", (record.row() for record in view.audit), len(view.audit)),
+            ("secrets", ([name, envelope] for name, envelope in view.secrets), len(view.secrets)),
         )
         for name, rows, count in sections:
             yield _encoder.encode({"section": name, "count": count}).encode()
@@ -977,6 +1041,7 @@ class CoordinatorFSM:
         events: deque[Event] = deque()
         checkpoints: dict[str, list[CheckpointRecord]] = {}  # absent before FSM_STATE_VERSION 4
         audit_rows: list[list[Any]] = []  # absent before FSM_STATE_VERSION 6
+        secrets: dict[str, dict[str, Any]] = {}  # absent before FSM_STATE_VERSION 6
         section, remaining = None, 0
         for chunk in it:
             item = decode(chunk.decode())
@@ -1005,6 +1070,8 @@ class CoordinatorFSM:
                     checkpoints.setdefault(row[0], []).append(CheckpointRecord(*row))
             elif section == "audit":
                 audit_rows.extend(item)
+            elif section == "secrets":
+                secrets.update((name, envelope) for name, envelope in item)
             else:
                 raise UnknownCommand(f"snapshot section {section!r} is unknown to this node")
         invariant(remaining == 0, f"snapshot section {section} is short by {remaining} rows")
@@ -1016,6 +1083,7 @@ class CoordinatorFSM:
         # Every link and hash is recomputed: a chain edited in the snapshot is refused here.
         self.audit = AuditChain.from_rows({"records": audit_rows, "heads": header.get("audit_heads", []),
                                            "anchor": header.get("audit_anchor")}, self.limits.audit)
+        self.secrets = secrets
         self.status_counts = counts
         self._rebuild_indexes()
         self.last_applied_index = header["last_applied_index"]
@@ -1101,6 +1169,11 @@ def audit_resource(kind: Any, command: dict[str, Any]) -> str:
         return f"executor:{command.get('id', '')}"
     if kind == CommandType.CANCEL_DAG:
         return f"dag:{command.get('dag', '')}"
+    if kind in (CommandType.PUT_SECRET, CommandType.DELETE_SECRET):
+        return f"secret:{command.get('name', '')}"
+    if kind == CommandType.REWRAP_SECRETS:
+        items = command.get("items")
+        return f"secrets:{len(items) if type(items) is dict else 0}"
     if kind in (CommandType.ASSIGN_TASKS, CommandType.MARK_UNSCHEDULABLE):
         items = command.get("items")
         if type(items) is list and items and type(items[0]) is list and items[0]:

@@ -42,3 +42,5 @@ class StateLimits:
     idempotency_keys_max: int = 100_000
     checkpoints: CheckpointLimits = CheckpointLimits()  # per record, per chain, the whole store, retention
     audit: AuditLimits = AuditLimits()  # records retained, signed heads retained, field length
+    secrets_max: int = 1024  # envelope-encrypted secrets held
+    secret_envelope_chars_max: int = 96 * 1024  # one envelope's fields together (a 64 KiB secret, base64)

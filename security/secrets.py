@@ -14,8 +14,10 @@ as associated data (a ciphertext moved to another name does not decrypt). Nothin
 error or in a repr is plaintext. `mask` is the log filter's rule: anything that looks like a token
 or key is replaced.
 
-Not built yet (issue 6 continues): keeping the store in replicated state, and reading API keys
-from it in the adapters (they read the environment today).
+The same envelope (`seal` / `unseal` / `rewrap`) is what the cluster keeps in replicated state
+(PUT_SECRET: the proposing node seals with the KEK, every replica stores only the envelope);
+`KekRing` holds the active KEK plus older ones while a rotation re-wraps (`coordctl secret
+rotate-kek`). An executor fetches a key by name when it starts (`executor run --secret-env`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -94,6 +97,109 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
+
+
+def check_secret(name: Any, value: Any) -> bytes:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SecretError("name: 1..128 chars of [A-Za-z0-9_.-]")
+    if not isinstance(value, str) or not value:
+        raise SecretError(f"secret {name!r}: a non-empty string")
+    raw = value.encode()
+    if len(raw) > SECRET_BYTES_MAX:
+        raise SecretError(f"secret {name!r}: at most {SECRET_BYTES_MAX} bytes (SECRET_BYTES_MAX), got {len(raw)}")
+    return raw
+
+
+def seal(name: str, value: str, kek: Kek) -> dict[str, str]:
+    """The envelope of one secret: a fresh data key encrypts the value, the KEK wraps the data
+    key; the name is associated data of both (an envelope moved to another name fails)."""
+    raw = check_secret(name, value)
+    data_key = AESGCM.generate_key(bit_length=256)
+    nonce, key_nonce = os.urandom(12), os.urandom(12)
+    return {
+        "kek_id": kek.kek_id,
+        "key_nonce": _b64(key_nonce),
+        "wrapped_key": _b64(AESGCM(kek.key).encrypt(key_nonce, data_key, name.encode())),
+        "nonce": _b64(nonce),
+        "ciphertext": _b64(AESGCM(data_key).encrypt(nonce, raw, name.encode())),
+    }
+
+
+def _data_key(name: str, entry: Mapping[str, str], kek: Kek) -> bytes:
+    if entry.get("kek_id") != kek.kek_id:
+        raise SecretError(f"secret {name!r}: wrapped by KEK {entry.get('kek_id')}, not by {kek.kek_id}")
+    try:
+        return AESGCM(kek.key).decrypt(_unb64(entry["key_nonce"]), _unb64(entry["wrapped_key"]), name.encode())
+    except (InvalidTag, ValueError, KeyError):
+        raise SecretError(f"secret {name!r}: its data key does not unwrap (tampered, or moved from another "
+                          "name)") from None
+
+
+def unseal(name: str, entry: Mapping[str, str], kek: Kek) -> str:
+    data_key = _data_key(name, entry, kek)
+    try:
+        return AESGCM(data_key).decrypt(_unb64(entry["nonce"]), _unb64(entry["ciphertext"]), name.encode()).decode()
+    except (InvalidTag, ValueError, KeyError):
+        raise SecretError(f"secret {name!r}: does not decrypt (tampered, or moved from another name)") from None
+
+
+def rewrap(name: str, entry: Mapping[str, str], old: Kek, new: Kek) -> dict[str, str]:
+    """The same envelope with its data key wrapped by `new` (the ciphertext is unchanged)."""
+    data_key = _data_key(name, entry, old)
+    key_nonce = os.urandom(12)
+    return {**entry, "kek_id": new.kek_id, "key_nonce": _b64(key_nonce),
+            "wrapped_key": _b64(AESGCM(new.key).encrypt(key_nonce, data_key, name.encode()))}
+
+
+class KekRing:
+    """The active KEK (first line of the KEK file, or COORD_SECRETS_KEK) and older ones (the
+    following lines) that still unwrap envelopes a rotation has not re-wrapped yet. Re-read when
+    the file changes."""
+
+    def __init__(self, path: str | Path | None, env: Mapping[str, str] | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._env = os.environ if env is None else env
+        self._stamp: tuple[int, int] | None = None
+        self._keks: list[Kek] = []
+
+    def _load(self) -> list[Kek]:
+        if self.path is not None and self.path.exists():
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._stamp:
+                keks = []
+                for number, line in enumerate(self.path.read_text().split(), 1):
+                    try:
+                        keks.append(Kek(base64.b64decode(line, validate=True)))
+                    except (ValueError, SecretError):
+                        raise SecretError(f"{self.path}: line {number} is not base64 of {KEK_BYTES} bytes") from None
+                if not keks:
+                    raise SecretError(f"{self.path}: holds no KEK")
+                self._keks, self._stamp = keks, stamp
+            return self._keks
+        return [load_kek(env=self._env)]
+
+    @property
+    def active(self) -> Kek:
+        return self._load()[0]
+
+    def by_id(self, kek_id: str) -> Kek:
+        for kek in self._load():
+            if kek.kek_id == kek_id:
+                return kek
+        raise SecretError(f"KEK {kek_id}: not in the KEK ring (the file or {KEK_ENV})")
+
+
+def write_kek_file(path: str | Path, keks: list[Kek]) -> None:
+    """One base64 KEK per line, the active one first; 0600, atomic."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(k.encoded() + "\n" for k in keks))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 class SecretStore:

@@ -32,7 +32,9 @@ AUDIT_WAIT_S = 30.0
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory) -> Iterator[tuple[LocalCluster, Any]]:
     data = tmp_path_factory.mktemp("secure")
-    cluster = LocalCluster(str(data / "cluster"))
+    # Small compaction thresholds, so nodes write snapshots (the stored data the tamper test edits).
+    cluster = LocalCluster(str(data / "cluster"), extra_args=["--log-compaction-min-entries", "40",
+                                                              "--log-compaction-min-time-s", "1"])
     pool = Executors(cluster)
     try:
         cluster.up(3, wait_leader_s=30)
@@ -251,3 +253,140 @@ def test_the_audit_chain_verifies_and_the_cli_reports_a_tampered_export(secure, 
     assert tampered.returncode == 2
     report = json.loads(tampered.stdout)
     assert report["ok"] is False and report["first_bad_seq"] == record["seq"], report
+
+
+def test_secrets_round_trip_rotate_and_never_appear_in_plaintext(secure) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.executor_pool import ROOT
+
+    cluster, _pool = secure
+    plaintext = "sk-planted-" + os.urandom(12).hex()
+
+    def coordctl(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--data-dir", cluster.data_dir],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120, input=stdin)
+
+    stored = coordctl("secret", "put", "cloudru_api_key", stdin=plaintext + "\n")
+    assert stored.returncode == 0, stored.stderr
+    agent = cluster.credentials(cert_name="executor", subject="executor:reader", roles=("agent:executor",))
+    get = pb.GetSecretRequest(name="cloudru_api_key")
+    with agent.channel(cluster.endpoints[2]) as channel:       # any node unseals it
+        assert pb_grpc.CoordinatorStub(channel).GetSecret(get, metadata=agent.metadata(), timeout=10).value == plaintext
+    user = cluster.credentials(subject="bob", roles=("user",))
+    assert invoke(user, cluster.endpoints[0], "GetSecret", get) == DENIED
+    before = json.loads(coordctl("secret", "list", "--output", "json").stdout)["secrets"]
+    rotated = coordctl("secret", "rotate-kek", "--output", "json")
+    assert rotated.returncode == 0, rotated.stderr
+    report = json.loads(rotated.stdout)
+    assert report["rewrapped"] == 1 and report["kek_id"] != report["old_kek_id"] == before[0]["kek_id"]
+    with cluster.admin.channel(cluster.endpoints[1]) as channel:
+        value = pb_grpc.CoordinatorStub(channel).GetSecret(get, metadata=cluster.admin.metadata(), timeout=10).value
+    assert value == plaintext
+    # The WAL, snapshots, node and executor logs, certs dir: none holds the plaintext or its base64.
+    import base64
+
+    needles = [plaintext.encode(), base64.b64encode(plaintext.encode())]
+    offenders = []
+    for root, _dirs, files in os.walk(cluster.data_dir):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                data = f.read()
+            offenders += [path for needle in needles if needle in data]
+    assert offenders == []
+
+
+def _edit_snapshot_audit(path: str, edit) -> list:
+    """Rewrite a snapshot file with its audit rows changed by `edit(rows)`, recomputing the
+    file's own checksum (an attacker with write access to the data dir can)."""
+    from wal.snapshot import read_snapshot, write_snapshot
+
+    header, chunks = read_snapshot(path)
+    decoded = [json.loads(c) for c in chunks[2:]]
+    rows, positions, section = [], [], None
+    for i, item in enumerate(decoded):
+        if isinstance(item, dict):
+            section = item.get("section")
+        elif section == "audit":
+            positions.append(i)
+            rows.extend(item)
+    edited = edit(list(rows))
+    for i in positions:
+        decoded[i] = []
+    decoded[positions[0]] = edited
+    for i, item in enumerate(decoded):
+        if isinstance(item, dict) and item.get("section") == "audit":
+            item["count"] = len(edited)
+    out = chunks[:2] + [json.dumps(x, separators=(",", ":"), ensure_ascii=False).encode() for x in decoded
+                        if not (isinstance(x, list) and not x)]
+    write_snapshot(path, header, out)
+    return rows
+
+
+def test_tampering_with_a_nodes_stored_audit_records_is_pinpointed(secure, tmp_path) -> None:
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.executor_pool import ROOT
+
+    cluster, _pool = secure
+    with cluster.client() as client:              # enough commands for a snapshot with many records
+        for n in range(60):
+            client.submit_task(pb.TaskSpec(type="nothing-runs-this", metadata={"n": str(n)}))
+    node = cluster.nodes[2]
+    snapshot = os.path.join(node.data_dir, "snapshot.bin")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(snapshot) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(snapshot), "the node wrote no snapshot"
+    cluster.stop_node(node.id)
+    original = tmp_path / "snapshot.orig"
+    shutil.copy(snapshot, original)
+
+    def verify() -> dict:
+        done = subprocess.run([sys.executable, "-m", "cluster.cli", "audit", "verify", "--node-data-dir", node.data_dir,
+                               "--data-dir", cluster.data_dir, "--output", "json"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert done.returncode in (0, 2), done.stderr
+        return json.loads(done.stdout)
+
+    assert verify()["ok"] is True
+    try:
+        rows = _edit_snapshot_audit(snapshot, lambda rows: rows)
+        assert len(rows) >= 6
+        k = len(rows) // 2
+        cases = {
+            "edit": lambda r: r[:k] + [[*r[k][:4], "intruder", *r[k][5:]]] + r[k + 1:],
+            "delete": lambda r: r[:k] + r[k + 1:],
+            "reorder": lambda r: r[:k] + [r[k + 1], r[k]] + r[k + 2:],
+        }
+        for name, edit in cases.items():
+            shutil.copy(original, snapshot)
+            _edit_snapshot_audit(snapshot, edit)
+            report = verify()
+            assert report["ok"] is False, name
+            assert report["first_bad_seq"] == rows[k][0], (name, report)
+        # A node refuses to start from a snapshot whose audit chain does not reproduce itself.
+        shutil.copy(original, snapshot)
+        _edit_snapshot_audit(snapshot, cases["edit"])
+        proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "node", "run", "--cluster-file", cluster.file,
+                                 "--node-id", node.id, "--data-dir", node.data_dir, "--secret-file",
+                                 cluster.secret_file, "--certs-dir", cluster.certs_dir],
+                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            _out, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        assert proc.returncode == 70 and "audit snapshot" in err, err[-2000:]
+    finally:
+        shutil.copy(original, snapshot)
+        cluster.start_node(node.id)
+        cluster.wait_leader()
