@@ -286,10 +286,11 @@ def node_run(
     from cluster.proposer import ProposerLimits
 
     configure_logging(log_level)
+    secret = load_secret(secret_file)
     if not node_insecure_dev and not node_certs_dir:
         fail("--certs-dir: required (created by `coordctl certs init` / `cluster up`), or --insecure-dev")
     config = NodeConfig(node_id=node_id, nodes=load_cluster_file(cluster_file), data_dir=data_dir,
-                        secret=load_secret(secret_file), log_compaction_min_entries=log_compaction_min_entries,
+                        secret=secret, log_compaction_min_entries=log_compaction_min_entries,
                         log_compaction_min_time_s=log_compaction_min_time_s,
                         proposer=ProposerLimits(commands_in_flight_max=commands_in_flight_max),
                         certs_dir=node_certs_dir, policy_file=policy_file, insecure_dev=node_insecure_dev)
@@ -1102,6 +1103,16 @@ def executor_run(
         fail(f"--capacity: >= 1, got {capacity}")
     if not 0 <= prefetch <= PREFETCH_MAX:
         fail(f"--prefetch: between 0 and {PREFETCH_MAX}, got {prefetch}")
+    from cluster.agent import ADAPTER_FACTORIES
+
+    if type_ not in ADAPTER_FACTORIES:
+        fail(f"--type: {type_!r} has no adapter; valid types: {', '.join(sorted(ADAPTER_FACTORIES))}")
+    adapter = None
+    if not secret_env:  # configuration errors before anything touches the network
+        try:
+            adapter = build_adapter(type_)
+        except ValueError as exc:
+            fail(str(exc))
     eps = call(resolve_endpoints, endpoints, data_dir)
     configure_logging(log_level)
     credentials = credentials_for(data_dir, cert_name=_Auth.cert_name if _Auth.cert_name != "cli" else "executor",
@@ -1115,10 +1126,11 @@ def executor_run(
                 if not variable or not secret_name:
                     fail(f"--secret-env: VAR=SECRET, got {item!r}")
                 env[variable] = call(secrets_client.call, "GetSecret", pb.GetSecretRequest(name=secret_name)).value
-    try:
-        adapter = build_adapter(type_, env)
-    except ValueError as exc:
-        fail(str(exc))
+    if adapter is None:
+        try:
+            adapter = build_adapter(type_, env)
+        except ValueError as exc:
+            fail(str(exc))
     try:
         checkpoint_settings = CheckpointSettings(on_action=checkpoint_on_action, interval_s=checkpoint_interval_s)
     except ValueError as exc:

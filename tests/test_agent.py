@@ -471,7 +471,7 @@ async def test_cli_unknown_type_or_missing_config_is_a_clear_error() -> None:
 
 async def test_cli_executor_run_serves_until_sigterm() -> None:
     async with fake_nodes(FakeCoordinator("n1")) as (node,):
-        proc = await _coordctl("executor", "run", "--type", "algorithmic", "--name", "cli-worker",
+        proc = await _coordctl("--insecure-dev", "executor", "run", "--type", "algorithmic", "--name", "cli-worker",
                                "--capacity", "2", "--endpoints", node.endpoint, "--output", "json")
         try:
             await eventually(lambda: node.streams, timeout_s=30, what="the CLI agent's hello")

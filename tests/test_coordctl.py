@@ -117,9 +117,14 @@ def test_endpoints_flag_and_env(data_dir) -> None:
     endpoint = LocalCluster(data_dir).endpoints[1]
     status = as_json(coordctl(data_dir, "cluster", "status", "--endpoints", endpoint, "--output", "json"))
     assert [n["grpc_address"] for n in status["nodes"]] == [endpoint]
-    status = as_json(coordctl("/nonexistent", "cluster", "status", "--output", "json",
-                              env={"COORDCTL_ENDPOINTS": endpoint}))
+    # Away from the cluster's directory: the endpoint from the environment, the certificate
+    # directory and a token given explicitly.
+    token = coordctl(data_dir, "token", "issue", "--subject", "ops", "--role", "operator:level1").stdout.strip()
+    status = as_json(coordctl("/nonexistent", "--certs-dir", os.path.join(data_dir, "certs"), "cluster", "status",
+                              "--output", "json", env={"COORDCTL_ENDPOINTS": endpoint, "COORD_TOKEN": token}))
     assert [n["grpc_address"] for n in status["nodes"]] == [endpoint]
+    result = coordctl("/nonexistent", "cluster", "status", env={"COORDCTL_ENDPOINTS": endpoint}, expect=1)
+    assert "no token" in result.stderr and "COORD_TOKEN" in result.stderr
     result = coordctl("/nonexistent", "task", "list", expect=1)
     assert "no endpoints" in result.stderr
 
