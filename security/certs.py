@@ -10,8 +10,9 @@ The role is the certificate's OU (node | executor | cli | bridge): a node accept
 calls only from `node` certificates, and RBAC (later in issue 6) starts from it. Nodes get both
 server and client auth (they serve the API and forward to the leader); the others client auth only.
 
-Not built yet (issue 6 continues): the gRPC servers and channels do not load these files yet, and
-there is no reload-on-rotation; `issue` over an existing name is how rotation will start.
+Nodes serve these with client certificates required (cluster/auth.py ServerTls) and re-read their
+files when they change, so re-issuing a node's certificate rotates it without a restart; callers
+present theirs through cluster/credentials.py.
 """
 
 from __future__ import annotations

@@ -390,3 +390,35 @@ def test_tampering_with_a_nodes_stored_audit_records_is_pinpointed(secure, tmp_p
         shutil.copy(original, snapshot)
         cluster.start_node(node.id)
         cluster.wait_leader()
+
+
+def _served_serial(cluster: LocalCluster, endpoint: str) -> int:
+    """The serial number of the certificate a node serves now (a fresh TLS handshake)."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    context = ssl.create_default_context(cafile=f"{cluster.certs_dir}/ca.pem")
+    context.load_cert_chain(f"{cluster.certs_dir}/cli.pem", f"{cluster.certs_dir}/cli.key")
+    context.set_alpn_protocols(["h2"])
+    host, port = endpoint.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+def test_a_rotated_node_certificate_is_served_without_a_restart(secure) -> None:
+    from cryptography import x509
+
+    from security.certs import issue
+
+    cluster, _pool = secure
+    node = cluster.nodes[0]
+    before = _served_serial(cluster, node.grpc_address)
+    issued = issue(cluster.certs_dir, node.id, "node")
+    new_serial = x509.load_pem_x509_certificate(issued.cert_path.read_bytes()).serial_number
+    assert new_serial != before
+    assert _served_serial(cluster, node.grpc_address) == new_serial
+    with cluster.client([node.grpc_address]) as client:   # and the API works over it, same process
+        assert client.status(node.grpc_address).pid == node.pid
