@@ -17,12 +17,28 @@ from coordinator.fsm import FSM_STATE_VERSION, CoordinatorFSM
 OUT = pathlib.Path(__file__).with_name(f"core-v{FSM_STATE_VERSION}.jsonl")
 
 
+def _stamp(rng: random.Random, command: dict) -> None:
+    """What a secure node's proposer adds (version 6): who, roles, sometimes "own", and the audit
+    stamp (the signature is a placeholder: apply never verifies it)."""
+    if rng.random() < 0.3:
+        return
+    command["p"] = rng.choice(["alice", "executor:x1", "node:n1"])
+    command["r"] = ["admin"] if command["p"] == "alice" else ["agent:executor"]
+    if command["p"] == "executor:x1" and rng.random() < 0.5:
+        command["own"] = "executor:x1"
+    command["a"] = {"n": "n1", "d": "0" * 64, "s": "sig"}
+
+
 def main() -> None:
     rng = random.Random(20261122)
     fsm = CoordinatorFSM()
     lines = []
     ids: list[str] = []
     dags: list[str] = []
+    def apply(index: int, command: dict):
+        _stamp(rng, command)  # before apply, as a secure node's proposer does
+        return fsm.apply(index, command)
+
     for index in range(2, 202):
         # From version 4 on, time jumps past checkpoint_retention_after_final_ms once, so the
         # checkpoints of tasks that ended early are dropped.
@@ -42,7 +58,7 @@ def main() -> None:
                 key = f"key-{rng.randint(0, 60)}" if rng.random() < 0.5 else None
                 dag_id = f"d-{index}-{len(batch)}" if len(new) > 1 else ""
                 command = cmd.submit_tasks(now, rows, key, dag_id)
-                result = fsm.apply(index, command)
+                result = apply(index, command)
                 if result.ok and not result.value["duplicate"]:
                     ids.extend(new)
                     if dag_id:
@@ -50,24 +66,24 @@ def main() -> None:
                 batch.append(command)
             elif roll < 0.62 and ids:
                 command = cmd.cancel_task(now, rng.choice(ids), "replay")
-                fsm.apply(index, command)
+                apply(index, command)
                 batch.append(command)
             elif roll < 0.75 and fsm.ready and fsm.executors:
                 task_id = rng.choice(sorted(fsm.ready))
                 executor_id = rng.choice(sorted(fsm.executors))
                 command = cmd.assign_tasks(now, 30_000, [[task_id, executor_id, fsm.tasks[task_id].attempt + 1]])
-                fsm.apply(index, command)
+                apply(index, command)
                 batch.append(command)
                 record = fsm.tasks[task_id]
                 if record.status == "assigned":
                     for _ in range(rng.randint(0, 3)):  # checkpoints (SAVE_CHECKPOINT, version 4)
                         follow = _checkpoint(fsm, rng, now, task_id, record.attempt, executor_id)
-                        fsm.apply(index, follow)
+                        apply(index, follow)
                         batch.append(follow)
                     if rng.random() < 0.3:  # REPORT_PROGRESS (version 5)
                         follow = cmd.report_progress(now, task_id, record.attempt, executor_id,
                                                      rng.choice([0.0, 0.25, 1.0]), "replay")
-                        fsm.apply(index, follow)
+                        apply(index, follow)
                         batch.append(follow)
                     implied = rng.random() < 0.5  # a terminal report standing for `started` (version 5)
                     outcome = rng.random()
@@ -78,15 +94,15 @@ def main() -> None:
                                                rng.randint(0, 5000), implied)
                     else:
                         follow = cmd.executor_lost(now, executor_id, "replay")
-                    fsm.apply(index, follow)
+                    apply(index, follow)
                     batch.append(follow)
             elif roll < 0.78 and ids:
                 command = cmd.requeue_task(now, rng.choice(ids), 2)
-                fsm.apply(index, command)
+                apply(index, command)
                 batch.append(command)
             elif roll < 0.8 and dags:
                 command = cmd.cancel_dag(now, rng.choice(dags), "replay")
-                fsm.apply(index, command)
+                apply(index, command)
                 batch.append(command)
             elif roll < 0.9:
                 executor = {"id": f"x{rng.randint(0, 4)}", "name": "w", "type": "algorithmic", "task_types": ["echo"],
@@ -95,12 +111,28 @@ def main() -> None:
                 if rng.random() < 0.5:
                     executor["resumable"] = True  # version 5
                 command = cmd.register_executor(now, executor)
-                fsm.apply(index, command)
+                apply(index, command)
                 batch.append(command)
             else:
                 command = cmd.unregister_executor(now, f"x{rng.randint(0, 4)}")
-                fsm.apply(index, command)
+                apply(index, command)
                 batch.append(command)
+        # Version 6: principals, ownership, audit stamps, decisions, signed heads, secrets.
+        extra = []
+        if rng.random() < 0.2:
+            extra.append(cmd.audit_decisions("n1", [
+                {"p": "alice", "r": ["user"], "act": "access:GetTask", "res": "", "o": rng.choice(["allowed", "denied:X x3"]),
+                 "now": now, "d": f"decision:{index}", "s": f"sig-d{index}"}]))
+        if rng.random() < 0.1 and fsm.audit.last_seq:
+            extra.append(cmd.audit_head(now, "n1", fsm.audit.last_seq, fsm.audit.last_hash, f"sig-h{index}"))
+        if rng.random() < 0.1:
+            name = f"s{rng.randint(0, 3)}"
+            envelope = {"kek_id": "k1", "key_nonce": "kn", "wrapped_key": f"wk{index}", "nonce": "n",
+                        "ciphertext": f"c{index}"}
+            extra.append(cmd.put_secret(now, name, envelope) if rng.random() < 0.7 else cmd.delete_secret(now, name))
+        for command in extra:
+            fsm.apply(index, command)
+        batch.extend(extra)
         lines.append(json.dumps({"index": index, "entry": encode_entry(batch).decode("utf-8")}))
     # apply() above ran per command; the replay applies whole entries, which must agree.
     replay = CoordinatorFSM()
