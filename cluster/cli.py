@@ -109,11 +109,12 @@ def global_options(
 
 
 def credentials_for(data_dir: str | None, *, cert_name: str = "", subject: str = "",
-                    roles: tuple[str, ...] = ("admin",)) -> ClientCredentials:
+                    roles: tuple[str, ...] = ("admin",), refresh_endpoints: list[str] | None = None) -> ClientCredentials:
     try:
         return resolve_credentials(data_dir or default_data_dir(), cert_name=cert_name or _Auth.cert_name,
                                    subject=subject, roles=roles, token=_Auth.token, token_file=_Auth.token_file,
-                                   certs_dir=_Auth.certs_dir, insecure_dev=_Auth.insecure_dev)
+                                   certs_dir=_Auth.certs_dir, insecure_dev=_Auth.insecure_dev,
+                                   refresh_endpoints=refresh_endpoints or ())
     except CredentialsError as exc:
         fail(str(exc))
         raise
@@ -1116,7 +1117,8 @@ def executor_run(
     eps = call(resolve_endpoints, endpoints, data_dir)
     configure_logging(log_level)
     credentials = credentials_for(data_dir, cert_name=_Auth.cert_name if _Auth.cert_name != "cli" else "executor",
-                                  subject=f"executor:{executor_id or name}", roles=("agent:executor",))
+                                  subject=f"executor:{executor_id or name}", roles=("agent:executor",),
+                                  refresh_endpoints=eps)
     env = dict(os.environ)
     if secret_env:
         # Fetched once at start over mTLS; held in this process only (never os.environ or a file).

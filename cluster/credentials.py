@@ -21,6 +21,7 @@ callers bring a token (COORD_TOKEN, --token-file) and refresh it before it expir
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
+
+log = logging.getLogger("coordinator.credentials")
 
 TOKEN_ENV = "COORD_TOKEN"
 TOKEN_FILE_ENV = "COORD_TOKEN_FILE"
@@ -109,6 +112,67 @@ class TokenMinter:
         return self._value
 
 
+class RefreshingToken:
+    """A token handed to a process that cannot sign its own (an executor on another machine):
+    renewed through the cluster's RefreshToken call once a third of its life is left. The
+    renewal is a synchronous call from whichever caller needs the token next; it costs one round
+    trip every ~10 minutes with the default 15-minute tokens."""
+
+    def __init__(self, token: str, refresh: Callable[[str], tuple[str, int]], clock: Callable[[], float] = time.time,
+                 ) -> None:
+        self._value = token
+        self._refresh = refresh         # (current token) -> (new token, expires_unix_s)
+        self._clock = clock
+        self._renew_at = self._renew_time(token)
+        self._lock = threading.Lock()
+        self.refreshes_total = 0
+
+    def _renew_time(self, token: str) -> float:
+        import jwt
+
+        try:
+            claims = jwt.decode(token, options={"verify_signature": False})
+            issued, expires = float(claims["iat"]), float(claims["exp"])
+        except Exception:  # noqa: BLE001 — not a JWT we can read: the node will say why
+            return float("inf")
+        return expires - (expires - issued) * TOKEN_REFRESH_FRACTION
+
+    def token(self) -> str:
+        if self._clock() >= self._renew_at:
+            with self._lock:
+                if self._clock() >= self._renew_at:
+                    try:
+                        self._value, _expires = self._refresh(self._value)
+                        self.refreshes_total += 1
+                        self._renew_at = self._renew_time(self._value)
+                    except Exception as exc:  # noqa: BLE001 — keep the current token until it expires
+                        log.warning("token refresh failed (%s); retrying in 10 s", exc)
+                        self._renew_at = self._clock() + 10
+        return self._value
+
+
+def refresher(certs_dir: str, cert_name: str, endpoints: Sequence[str], timeout_s: float = 10.0
+              ) -> Callable[[str], tuple[str, int]]:
+    """RefreshToken against the endpoints in turn, over mTLS, presenting the current token."""
+    from proto import coordinator_pb2 as pb
+    from proto import coordinator_pb2_grpc as pb_grpc
+
+    def refresh(current: str) -> tuple[str, int]:
+        credentials = ClientCredentials(certs_dir=certs_dir, cert_name=cert_name, tokens=StaticToken(current))
+        last: Exception | None = None
+        for endpoint in endpoints:
+            try:
+                with credentials.channel(endpoint) as channel:
+                    reply = pb_grpc.CoordinatorStub(channel).RefreshToken(
+                        pb.RefreshTokenRequest(), metadata=credentials.metadata(), timeout=timeout_s)
+                return reply.token, reply.expires_unix_s
+            except grpc.RpcError as exc:
+                last = exc
+        raise CredentialsError(f"RefreshToken: no node renewed the token ({last})")
+
+    return refresh
+
+
 CHANNEL_OPTIONS_DEFAULT: tuple[tuple[str, Any], ...] = ()
 
 
@@ -184,7 +248,7 @@ def cluster_settings(data_dir: str) -> dict[str, Any]:
 
 def resolve_credentials(data_dir: str, *, cert_name: str = "cli", subject: str = "", roles: Sequence[str] = ("admin",),
                         token: str = "", token_file: str = "", certs_dir: str = "",
-                        insecure_dev: bool | None = None) -> ClientCredentials:
+                        insecure_dev: bool | None = None, refresh_endpoints: Sequence[str] = ()) -> ClientCredentials:
     """The credentials a command-line process uses: an explicit token (argument, then COORD_TOKEN,
     then a token file), else a token minted from the local cluster's key ring (an operator on the
     cluster's own machine), over mTLS with DATA_DIR/certs/<cert_name>.pem. A cluster started with
@@ -198,7 +262,9 @@ def resolve_credentials(data_dir: str, *, cert_name: str = "cli", subject: str =
     token = token or os.environ.get(TOKEN_ENV, "")
     token_file = token_file or os.environ.get(TOKEN_FILE_ENV, "")
     tokens: TokenSource
-    if token:
+    if token and refresh_endpoints:   # a long-running process: renew before it expires
+        tokens = RefreshingToken(token, refresher(certs_dir, cert_name, refresh_endpoints))
+    elif token:
         tokens = StaticToken(token)
     elif token_file:
         tokens = FileToken(token_file)

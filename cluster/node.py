@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,7 @@ from security.audit import AuditError, AuditSigner
 from security.ratelimit import RateLimiter
 from security.secrets import KekRing
 from security.rbac import Policy, PolicyError
-from security.tokens import KeyRing, TokenIssuer, TokenVerifier
+from security.tokens import TokenIssuer, TokenVerifier
 from proto import coordinator_pb2_grpc as pb_grpc
 from wal.checkpoint_store import CheckpointStore
 from wal.journal import LmdbJournal
@@ -116,7 +117,7 @@ class Node:
         self._audit_task: asyncio.Task | None = None
         self.stamper: AuditStamper | None = None
         self.decisions: DecisionLog | None = None
-        self.token_issuer: TokenIssuer | None = None
+        self.token_issuer: Callable[[], TokenIssuer] | None = None
 
     def _paths(self) -> tuple[str, str]:
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -126,6 +127,22 @@ class Node:
         loop = asyncio.get_running_loop()
         config = self.config
         me = config.me
+        # Security configuration is checked before anything starts (a bad policy, a missing
+        # certificate or key stops the node with a message, not a half-started process).
+        interceptors = []
+        server_credentials = None
+        if config.insecure_dev:
+            log.warning("node %s: --insecure-dev: plaintext gRPC, no authentication, no RBAC, no audit", me.id)
+            relay_credentials = ClientCredentials.insecure()
+        else:
+            interceptors.append(self._security_interceptor())
+            server_credentials = self.tls.credentials()
+            try:
+                self.stamper = AuditStamper(me.id, AuditSigner.from_dir(config.certs_dir, me.id))
+            except AuditError as exc:
+                raise SystemExit(f"audit key: {exc} (`coordctl cluster up` creates it)") from None
+            # Node to node (the heartbeat relay): the node's own certificate, no token.
+            relay_credentials = ClientCredentials(certs_dir=config.certs_dir, cert_name=me.id)
         wal_path, snapshot_path = self._paths()
         self.journal = LmdbJournal(wal_path)
         waiters = AppliedWaiters(loop)
@@ -144,15 +161,9 @@ class Node:
             snapshot_path=snapshot_path, transport_class=CoordinatorTransport, conf_kwargs=conf_kwargs,
             on_applied=waiters.notify_threadsafe,
         )
-        if config.insecure_dev:
-            self.stamper = None
+        if self.stamper is None:
             self.proposer = Proposer(self.raft, loop, config.proposer)
         else:
-            try:
-                signer = AuditSigner.from_dir(config.certs_dir, me.id)
-            except AuditError as exc:
-                raise SystemExit(f"audit key: {exc} (`coordctl cluster up` creates it)") from None
-            self.stamper = AuditStamper(me.id, signer)
             self.proposer = Proposer(self.raft, loop, config.proposer, encode=self.stamper)
         grpc_by_raft = {n.raft_address: n.grpc_address for n in config.nodes}
 
@@ -160,14 +171,6 @@ class Node:
             leader = self.raft.status_cache.get("leader") if self.raft else None
             return grpc_by_raft.get(getattr(leader, "address", ""))
 
-        interceptors = []
-        if config.insecure_dev:
-            log.warning("node %s: --insecure-dev: plaintext gRPC, no authentication, no RBAC, no audit", me.id)
-            relay_credentials = ClientCredentials.insecure()
-        else:
-            interceptors.append(self._security_interceptor())
-            # Node to node (the heartbeat relay): the node's own certificate, no token.
-            relay_credentials = ClientCredentials(certs_dir=config.certs_dir, cert_name=me.id)
         self.dispatcher = Dispatcher(
             node_id=me.id, fsm=self.fsm, fsm_lock=self.fsm_lock, proposer=self.proposer, waiters=waiters,
             is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
@@ -195,7 +198,7 @@ class Node:
         if config.insecure_dev:
             port = self.server.add_insecure_port(me.grpc_address)
         else:
-            port = self.server.add_secure_port(me.grpc_address, self.tls.credentials())
+            port = self.server.add_secure_port(me.grpc_address, server_credentials)
         if port == 0:
             raise SystemExit(f"grpc_address: cannot bind {me.grpc_address}")
         await self.server.start()
@@ -226,10 +229,13 @@ class Node:
             raise SystemExit(f"JWT key ring: {keys_path} does not exist (`coordctl cluster up` or "
                              "`coordctl token init-keys` creates it)")
         self.tls = ServerTls(config.certs_dir, config.node_id)
-        self.token_issuer = TokenIssuer(KeyRing.load(keys_path))
         self.decisions = DecisionLog(now_ms)
-        self.interceptor = AuthInterceptor(policy=policy, verifier=TokenVerifier(keys_path), limiter=RateLimiter(),
+        verifier = TokenVerifier(keys_path)
+        self.interceptor = AuthInterceptor(policy=policy, verifier=verifier, limiter=RateLimiter(),
                                            decisions=self.decisions)
+        # Refreshes sign with the key ring the verifier holds: it re-reads the file when it changes,
+        # so after `coordctl token rotate-key` refreshed tokens carry the new kid.
+        self.token_issuer = lambda: TokenIssuer(verifier.keyring)
         return self.interceptor
 
     async def _set_health(self, status: int) -> None:

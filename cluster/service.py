@@ -499,7 +499,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         ttl_s = request.ttl_s or TOKEN_TTL_S_DEFAULT
         if not 1 <= ttl_s <= TOKEN_TTL_S_MAX:
             await self._abort(context, "INVALID_ARGUMENT", f"ttl_s: between 1 and {TOKEN_TTL_S_MAX}, got {ttl_s}")
-        token = self._token_issuer.refresh(access.principal, ttl_s)
+        token = self._token_issuer().refresh(access.principal, ttl_s)
         return pb.RefreshTokenResponse(token=token, expires_unix_s=int(time.time()) + ttl_s)
 
     async def ListAudit(self, request: pb.ListAuditRequest, context) -> pb.ListAuditResponse:  # noqa: N802

@@ -6,6 +6,7 @@ state as it was and is an audit record; a certificate from another CA cannot con
 from __future__ import annotations
 
 import json
+import pathlib
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -422,3 +423,68 @@ def test_a_rotated_node_certificate_is_served_without_a_restart(secure) -> None:
     assert _served_serial(cluster, node.grpc_address) == new_serial
     with cluster.client([node.grpc_address]) as client:   # and the API works over it, same process
         assert client.status(node.grpc_address).pid == node.pid
+
+
+def test_an_executor_with_a_short_token_refreshes_it_and_keeps_working(secure) -> None:
+    cluster, pool = secure
+    keys = f"{cluster.certs_dir}/jwt-keys.json"
+    ttl_s = 6
+    token = TokenIssuer(KeyRing.load(keys)).issue("executor:short", ["agent:executor"], ttl_s)
+    pool.start("short", capacity=1, env={"COORD_TOKEN": token})
+    with cluster.client() as client:
+        # Runs across several lifetimes of the first token: the stream it opened ends when the
+        # token does, and the agent comes back with a refreshed one.
+        task_id = client.submit_task(pb.TaskSpec(type="sleep", input_json=json.dumps({"ms": 4 * ttl_s * 1000}),
+                                                 metadata={"pin": "short"})).task_id
+        final = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            final = client.get_task(task_id)
+            if final.status in ("completed", "failed", "dead_letter", "cancelled"):
+                break
+            time.sleep(0.5)
+    assert final is not None and final.status == "completed", final
+    missing = wait_audit(cluster, {("executor:short", "access:RefreshToken", "allowed")},
+                         key=lambda r: (r.who, r.action, r.outcome))
+    assert not missing
+
+
+def test_rate_limits_come_from_the_policy_file_and_a_bad_policy_stops_the_node(make_cluster, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.executor_pool import ROOT
+
+    import security.rbac as rbac_module
+
+    document = yaml.safe_load((pathlib.Path(rbac_module.__file__).with_name("policy.yaml")).read_text())
+    document["rate_limits"]["roles"]["user"] = {"requests_per_s": 0.5, "burst": 3}
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(yaml.safe_dump(document))
+    cluster = make_cluster(3, extra_args=["--policy-file", str(policy)], subdir="limited")
+    user = cluster.credentials(subject="carol", roles=("user",))
+    codes, trailers = [], []
+    with user.channel(cluster.endpoints[0]) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        for _ in range(5):
+            try:
+                stub.ClusterStatus(pb.ClusterStatusRequest(), metadata=user.metadata(), timeout=10)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+                trailers.append(dict(exc.trailing_metadata() or ()))
+    assert codes[:3] == ["OK"] * 3 and codes[3:] == ["RESOURCE_EXHAUSTED"] * 2, codes
+    assert all(int(t["retry-after-ms"]) > 0 for t in trailers)
+    with cluster.client() as client:                  # another principal is not held back
+        assert client.status(cluster.endpoints[0]).node_id == "n1"
+    bad = tmp_path / "bad.yaml"
+    document["roles"]["user"]["permissions"] = ["task.raed"]
+    bad.write_text(yaml.safe_dump(document))
+    node = cluster.nodes[0]
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "node", "run", "--cluster-file", cluster.file,
+                           "--node-id", node.id, "--data-dir", str(tmp_path / "other"), "--secret-file",
+                           cluster.secret_file, "--certs-dir", cluster.certs_dir, "--policy-file", str(bad)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode != 0 and "task.raed" in done.stderr, done.stderr[-2000:]
