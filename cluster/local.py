@@ -268,7 +268,8 @@ class LocalCluster:
 
     def wait_converged(self, timeout_s: float = 30.0) -> str:
         """Wait until every node runs, has applied the same index and holds the same state hash;
-        return that hash."""
+        return the domain hash there (the state without the audit chain, which records every
+        access decision — these status calls included — and so keeps growing)."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -276,7 +277,7 @@ class LocalCluster:
             last = {k: (v.applied_index, v.state_hash[:12]) if v else None for k, v in statuses.items()}
             values = list(statuses.values())
             if all(values) and len({(v.applied_index, v.state_hash) for v in values}) == 1:
-                return values[0].state_hash
+                return values[0].domain_hash
             time.sleep(0.1)
         raise ClusterError(f"nodes did not converge within {timeout_s:.0f} s: {last}")
 

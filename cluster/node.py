@@ -257,12 +257,12 @@ class Node:
                 peers[node.id] = status.get("partner_node_status_server_" + node.raft_address, 0) == 2
         commit = int(status.get("commit_idx") or 0)
         applied = self.fsm.last_applied_index
-        state_hash = ""
+        state_hash = domain_hash = ""
         if include_state_hash:
             with self.fsm_lock:
-                state_hash = self.fsm.state_hash()
+                state_hash, domain_hash = self.fsm.state_hash(), self.fsm.domain_hash()
         return pb.NodeStatus(
-            state_hash=state_hash, node_id=me.id, raft_address=me.raft_address, grpc_address=me.grpc_address,
+            state_hash=state_hash, domain_hash=domain_hash, node_id=me.id, raft_address=me.raft_address, grpc_address=me.grpc_address,
             role=ROLE_NAMES.get(status.get("state", 0), "follower"), term=int(status.get("raft_term") or 0),
             commit_index=commit, applied_index=applied,
             leader_raft_address=getattr(leader, "address", "") if leader is not None else "",

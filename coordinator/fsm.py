@@ -1137,6 +1137,19 @@ class CoordinatorFSM:
             digest.update(b"\n")
         return digest.hexdigest()
 
+    def domain_hash(self) -> str:
+        """state_hash without the audit chain and the applied index: reads and access decisions
+        append audit records (and so move both), the domain state stays."""
+        view = self.snapshot_view()
+        for name in ("last_applied_index", "audit_heads", "audit_anchor"):
+            view.header.pop(name, None)
+        view.audit = []
+        digest = hashlib.sha256()
+        for chunk in self.snapshot_chunks(view):
+            digest.update(chunk)
+            digest.update(b"\n")
+        return digest.hexdigest()
+
 
 def _str(value: Any) -> str:
     return value if type(value) is str else ""
