@@ -21,6 +21,12 @@ mem  VmRSS of every node before and after loading those 100k tasks, per task.
     python -m benchmarks.bench_cluster --only submit dag     # parts: submit dag failover restart
     python -m benchmarks.bench_cluster --profile /tmp/prof   # py-spy the leader under c=64 and DAG load
 
+Security is on, as in production (mTLS, a JWT on every call, RBAC, rate limits, audit): the
+cluster's data dir holds its CA and key ring, and every client here, in this process or in a
+client subprocess (given ``data_dir``), calls with the cluster's admin credentials.
+``OurCluster(insecure_dev=True)`` starts the same cluster with ``--insecure-dev`` (plaintext, no
+tokens); ``bench_security`` compares the two.
+
 Every process is killed by PID in ``finally`` (``LocalCluster.down()``); every loop is bounded.
 """
 
@@ -80,17 +86,25 @@ def dag_request_bytes(n_tasks: int = DAG_TASKS_DEFAULT) -> bytes:
 # --------------------------------------------------------------------------- clients (own process)
 
 
+def client_credentials(data_dir: str):
+    """The admin credentials of the local cluster in ``data_dir`` (plaintext and no token if it was
+    started with --insecure-dev), for a client running in its own process."""
+    from cluster.credentials import resolve_credentials
+
+    return resolve_credentials(data_dir, subject="bench-admin")
+
+
 async def _closed_loop_client(
     endpoints: list[str], method: str, base: bytes, key_prefix: str, check, concurrency: int,
     duration_s: float | None, warmup_s: float, count: int | None, name: str, op_timeout_s: float,
-    max_seconds: float,
+    max_seconds: float, data_dir: str,
 ) -> tuple[Result, int]:
     """Closed-loop workers sending the pre-serialized request `base` (plus a fresh idempotency
-    key) to ``endpoints[n % len(endpoints)]``; `check(reply_bytes)` validates each reply.
+    key) to ``endpoints[n % len(endpoints)]``, with the cluster's credentials (the token in each
+    call's metadata, as ``CoordinatorClient`` sends it); `check(reply_bytes)` validates each reply.
     Returns the result and how many requests were started."""
-    import grpc
-
-    channels = [grpc.aio.insecure_channel(e, options=GRPC_OPTIONS) for e in endpoints]
+    creds = client_credentials(data_dir)
+    channels = [creds.aio_channel(e, GRPC_OPTIONS) for e in endpoints]
     try:
         for ch in channels:
             await asyncio.wait_for(ch.channel_ready(), 10)
@@ -101,7 +115,8 @@ async def _closed_loop_client(
         async def op() -> None:
             n = counter[0]
             counter[0] += 1
-            check(await calls[n % len(calls)](base + _key_field(key_prefix + str(n)), timeout=op_timeout_s))
+            check(await calls[n % len(calls)](base + _key_field(key_prefix + str(n)), timeout=op_timeout_s,
+                                              metadata=creds.metadata()))
 
         t_start = time.time()
         r = await run_closed_loop(op, concurrency, duration_s=duration_s, count=count, warmup_s=warmup_s,
@@ -115,9 +130,10 @@ async def _closed_loop_client(
 
 async def submit_client(
     endpoints: list[str], concurrency: int, duration_s: float = 5.0, warmup_s: float = 1.0,
-    name: str = "SubmitTask", op_timeout_s: float = 5.0,
+    name: str = "SubmitTask", op_timeout_s: float = 5.0, *, data_dir: str,
 ) -> Result:
-    """``concurrency`` closed-loop workers; call n goes to ``endpoints[n % len(endpoints)]``."""
+    """``concurrency`` closed-loop workers; call n goes to ``endpoints[n % len(endpoints)]``;
+    ``data_dir``: the local cluster's directory (its credentials)."""
     from proto import coordinator_pb2 as pb
 
     def check(reply: bytes) -> None:
@@ -127,14 +143,14 @@ async def submit_client(
     prefix = f"b{os.getpid()}-{time.monotonic_ns() % 10**9}-"
     r, _ = await _closed_loop_client(endpoints, "SubmitTask", submit_task_request_bytes(), prefix, check,
                                      concurrency, duration_s, warmup_s, None, name, op_timeout_s,
-                                     warmup_s + duration_s + 30)
+                                     warmup_s + duration_s + 30, data_dir)
     return r
 
 
 async def dag_client(
     endpoints: list[str], concurrency: int, duration_s: float | None = 5.0, warmup_s: float = 1.0,
     count: int | None = None, dag_tasks: int = DAG_TASKS_DEFAULT, name: str = "SubmitDag",
-    op_timeout_s: float = 15.0, max_seconds: float = 120.0,
+    op_timeout_s: float = 15.0, max_seconds: float = 120.0, *, data_dir: str,
 ) -> Result:
     """``concurrency`` closed-loop workers each submitting ``dag_tasks``-task DAGs."""
     from proto import coordinator_pb2 as pb
@@ -145,7 +161,8 @@ async def dag_client(
 
     prefix = f"d{os.getpid()}-{time.monotonic_ns() % 10**9}-"
     r, sent = await _closed_loop_client(endpoints, "SubmitDag", dag_request_bytes(dag_tasks), prefix, check,
-                                        concurrency, duration_s, warmup_s, count, name, op_timeout_s, max_seconds)
+                                        concurrency, duration_s, warmup_s, count, name, op_timeout_s, max_seconds,
+                                        data_dir)
     r.extra["dag_tasks"] = dag_tasks
     r.extra["tasks_per_s"] = round(r.ops_per_s * dag_tasks, 1)
     r.extra["dags_sent"] = sent
@@ -210,13 +227,16 @@ class CpuSampler:
 
 
 class OurCluster:
-    """3 nodes in a temp dir; ``LocalCluster.down()`` (SIGTERM, then SIGKILL, by PID) and the temp
-    dir removed on exit, whatever happened."""
+    """3 nodes in a temp dir, secure by default (``insecure_dev=True``: --insecure-dev);
+    ``LocalCluster.down()`` (SIGTERM, then SIGKILL, by PID) and the temp dir removed on exit,
+    whatever happened."""
 
-    def __init__(self, extra_args: list[str] | None = None, base_dir: str | None = None, size: int = 3) -> None:
+    def __init__(self, extra_args: list[str] | None = None, base_dir: str | None = None, size: int = 3,
+                 insecure_dev: bool = False) -> None:
         self.extra_args = extra_args or []
         self.base_dir = base_dir
         self.size = size
+        self.insecure_dev = insecure_dev
         self.tmp: str | None = None
         self.lc = None
 
@@ -225,7 +245,8 @@ class OurCluster:
 
         self.tmp = tempfile.mkdtemp(prefix="bench-coord-", dir=self.base_dir)
         try:
-            self.lc = LocalCluster(self.tmp, env={"PYTHONPATH": str(REPO_ROOT)}, extra_args=list(self.extra_args))
+            self.lc = LocalCluster(self.tmp, env={"PYTHONPATH": str(REPO_ROOT)}, extra_args=list(self.extra_args),
+                                   insecure_dev=self.insecure_dev)
             self.lc.up(self.size, wait_leader_s=60)
             self.lc.wait_converged(30)
         except BaseException:
@@ -249,6 +270,23 @@ class OurCluster:
     def endpoints(self) -> list[str]:
         return self.lc.endpoints
 
+    @property
+    def data_dir(self) -> str:
+        """The cluster's directory: client subprocesses and ``coordctl --data-dir`` find its
+        credentials there."""
+        return self.lc.data_dir
+
+    @property
+    def admin(self):
+        """Admin ``ClientCredentials`` (insecure ones for an --insecure-dev cluster)."""
+        return self.lc.admin
+
+    def credentials(self, **kwargs):
+        return self.lc.credentials(**kwargs)
+
+    def client(self, endpoints: list[str] | None = None, **kwargs):
+        return self.lc.client(endpoints, **kwargs)
+
     def node(self, node_id: str):
         return self.lc.node(node_id)
 
@@ -269,8 +307,10 @@ class Profiler:
     """py-spy record of one PID for a bounded time, raw (collapsed stacks) output; no-op if py-spy
     is missing. Always stopped by PID."""
 
-    def __init__(self, out_dir: str | None) -> None:
+    def __init__(self, out_dir: str | None, extra_args: list[str] | None = None, rate_hz: int = 200) -> None:
         self.out_dir = out_dir
+        self.extra_args = extra_args or []  # e.g. ["--nonblocking"]: sample without pausing the target
+        self.rate_hz = rate_hz
         self.exe = shutil.which("py-spy", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
         self.proc: subprocess.Popen | None = None
         self.path: str | None = None
@@ -281,8 +321,8 @@ class Profiler:
         os.makedirs(self.out_dir, exist_ok=True)
         self.path = os.path.join(self.out_dir, f"{label}.txt")
         self.proc = subprocess.Popen(
-            [self.exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", "200", "-f", "raw",
-             "-t", "-o", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [self.exe, "record", "-p", str(pid), "-d", str(max(1, int(seconds))), "-r", str(self.rate_hz), "-f", "raw",
+             "-t", *self.extra_args, "-o", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def stop(self) -> str | None:
         if self.proc is None:
@@ -349,7 +389,7 @@ def run_submit(cl: OurCluster, concurrency: int, duration_s: float, *, target: s
             r = run_in_subprocess(
                 "benchmarks.bench_cluster:submit_client",
                 {"endpoints": eps, "concurrency": concurrency, "duration_s": duration_s, "warmup_s": warmup_s,
-                 "name": f"ours: SubmitTask ({where})"},
+                 "name": f"ours: SubmitTask ({where})", "data_dir": cl.data_dir},
                 timeout_s=warmup_s + duration_s + 60)
         finally:
             if profiler is not None:
@@ -382,7 +422,7 @@ def run_dag(cl: OurCluster, concurrency: int, duration_s: float | None, *, count
             r = run_in_subprocess(
                 "benchmarks.bench_cluster:dag_client",
                 {"endpoints": cl.endpoints, "concurrency": concurrency, "duration_s": duration_s, "warmup_s": warmup_s,
-                 "count": count, "dag_tasks": dag_tasks, "max_seconds": max_seconds,
+                 "count": count, "dag_tasks": dag_tasks, "max_seconds": max_seconds, "data_dir": cl.data_dir,
                  "name": f"ours: SubmitDag ({dag_tasks}-task DAGs, round-robin over 3 nodes)"},
                 timeout_s=max_seconds + 60)
         finally:
@@ -406,23 +446,23 @@ class FailoverResult(EtcdFailoverResult):
 
 async def _time_to_first_submit(cl: OurCluster, leader: str, survivors: list[str], probe_every_s: float,
                                 probe_timeout_s: float, give_up_s: float) -> tuple[float, int]:
-    import grpc
-
     from proto import coordinator_pb2 as pb
 
     base = submit_task_request_bytes()
     prefix = f"f{os.getpid()}-{time.monotonic_ns() % 10**9}-"
-    channels = [grpc.aio.insecure_channel(cl.node(s).grpc_address, options=GRPC_OPTIONS) for s in survivors]
+    creds = cl.admin
+    channels = [creds.aio_channel(cl.node(s).grpc_address, GRPC_OPTIONS) for s in survivors]
     probes: list[asyncio.Task] = []
     try:
         calls = [ch.unary_unary(SERVICE + "SubmitTask", request_serializer=None, response_deserializer=None)
                  for ch in channels]
         for i, call in enumerate(calls):  # the survivors answer before the kill (channels connected)
             await asyncio.wait_for(channels[i].channel_ready(), 10)
-            await call(base + _key_field(prefix + f"warm{i}"), timeout=5)
+            await call(base + _key_field(prefix + f"warm{i}"), timeout=5, metadata=creds.metadata())
 
         async def probe(n: int) -> float:
-            reply = await calls[n % len(calls)](base + _key_field(prefix + str(n)), timeout=probe_timeout_s)
+            reply = await calls[n % len(calls)](base + _key_field(prefix + str(n)), timeout=probe_timeout_s,
+                                                metadata=creds.metadata())
             if not pb.SubmitTaskResponse.FromString(reply).task_id:
                 raise RuntimeError("no task id")
             return time.perf_counter()
@@ -444,19 +484,20 @@ async def _time_to_first_submit(cl: OurCluster, leader: str, survivors: list[str
             await ch.close()
 
 
-def wait_serving(address: str, timeout_s: float, poll_s: float = 0.01):
-    """Poll ClusterStatus until it answers; returns (monotonic time of first answer, status)."""
+def wait_serving(address: str, timeout_s: float, creds, poll_s: float = 0.01):
+    """Poll ClusterStatus (with ``creds``: the cluster's ``ClientCredentials``) until it answers;
+    returns (monotonic time of first answer, status)."""
     import grpc
 
     from proto import coordinator_pb2 as pb
     from proto import coordinator_pb2_grpc as pb_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as ch:
+    with creds.channel(address) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         while time.monotonic() < deadline:
             try:
-                st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=0.25).node
+                st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=0.25, metadata=creds.metadata()).node
                 return time.monotonic(), st
             except grpc.RpcError:
                 time.sleep(poll_s)
@@ -479,7 +520,7 @@ def run_failover(cl: OurCluster, runs: int = 5, *, probe_every_s: float = 0.01, 
         attempts.append(n)
         t0 = time.monotonic()
         cl.lc.start_node(leader)
-        t1, _ = wait_serving(cl.node(leader).grpc_address, 30)
+        t1, _ = wait_serving(cl.node(leader).grpc_address, 30, cl.admin)
         serving.append(t1 - t0)
         cl.lc.wait_leader(30)
         cl.lc.wait_converged(30)
@@ -515,7 +556,8 @@ def measure_restart(cl: OurCluster, node_id: str, label: str, timeout_s: float =
     address = cl.node(node_id).grpc_address
     t0 = time.monotonic()
     cl.lc.start_node(node_id)
-    t_serving, st = wait_serving(address, timeout_s)
+    creds = cl.admin
+    t_serving, st = wait_serving(address, timeout_s, creds)
     deadline = t0 + timeout_s
     import grpc
 
@@ -523,7 +565,7 @@ def measure_restart(cl: OurCluster, node_id: str, label: str, timeout_s: float =
     from proto import coordinator_pb2_grpc as pb_grpc
 
     t_caught = None
-    with grpc.insecure_channel(address) as ch:
+    with creds.channel(address) as ch:
         stub = pb_grpc.CoordinatorStub(ch)
         while time.monotonic() < deadline:
             if st is not None and st.applied_index >= target:
@@ -531,7 +573,7 @@ def measure_restart(cl: OurCluster, node_id: str, label: str, timeout_s: float =
                 break
             time.sleep(0.01)
             try:
-                st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=0.5).node
+                st = stub.ClusterStatus(pb.ClusterStatusRequest(), timeout=0.5, metadata=creds.metadata()).node
             except grpc.RpcError:
                 st = None
     if t_caught is None:

@@ -4,7 +4,9 @@ Ours: 3 ``coordctl node run`` processes (``cluster.local.LocalCluster`` in a tem
 ``bench_cluster``) and 4 executor agents ``python -m cluster.cli executor run --type algorithmic
 --capacity 8 --prefetch 32 --log-level WARNING`` (prefetch defaults to 4 x capacity, as Celery's
 prefetch multiplier of 4), agent k connecting first to node k mod 3 (so the executors are spread over
-leader and followers, as they would be in a deployment).
+leader and followers, as they would be in a deployment). Security is on (the default: mTLS, a
+JWT on every call, RBAC, audit): the agents get ``--data-dir`` (the cluster's certificates and key
+ring) and the clients the cluster's admin credentials.
 
 (i)  dispatch latency, idle executors: one ``echo`` task at a time (``SubmitTask``, round-robin over
      the 3 nodes), then ``WaitTasks`` on the same node. The client keeps a ``Watch`` stream on the leader
@@ -107,9 +109,9 @@ def _kill_pid(proc: subprocess.Popen, *, group: bool = False, term_wait_s: float
 # ============================================================================ ours: clients
 
 
-async def _open_watch(stub, pb, kinds: list[str], sink, stop: asyncio.Event):
+async def _open_watch(stub, pb, kinds: list[str], sink, stop: asyncio.Event, metadata=None):
     """A Watch stream reader task: sink(event, recv_unix_s) for every event; ends with the stream."""
-    call = stub.Watch(pb.WatchRequest(kinds=kinds))
+    call = stub.Watch(pb.WatchRequest(kinds=kinds), metadata=metadata)
 
     async def reader() -> None:
         try:
@@ -126,14 +128,16 @@ async def _open_watch(stub, pb, kinds: list[str], sink, stop: asyncio.Event):
 
 
 async def our_latency_client(endpoints: list[str], watch_endpoint: str, leader_endpoint: str, samples: int = 200,
-                             warmup: int = 10, gap_s: float = 0.02, max_seconds: float = 60.0) -> Result:
-    """Sequential single-task dispatch latency (see the module docstring, (i))."""
-    import grpc
-
+                             warmup: int = 10, gap_s: float = 0.02, max_seconds: float = 60.0, *,
+                             data_dir: str) -> Result:
+    """Sequential single-task dispatch latency (see the module docstring, (i)); ``data_dir``: the
+    local cluster's directory, whose admin credentials every call carries."""
+    from benchmarks.bench_cluster import client_credentials
     from proto import coordinator_pb2 as pb
     from proto import coordinator_pb2_grpc as pb_grpc
 
-    channels = {e: grpc.aio.insecure_channel(e, options=GRPC_OPTIONS) for e in {*endpoints, watch_endpoint}}
+    creds = client_credentials(data_dir)
+    channels = {e: creds.aio_channel(e, GRPC_OPTIONS) for e in {*endpoints, watch_endpoint}}
     stop = asyncio.Event()
     seen: dict[tuple[str, str], tuple[int, float]] = {}
     changed = asyncio.Event()
@@ -148,7 +152,8 @@ async def our_latency_client(endpoints: list[str], watch_endpoint: str, leader_e
             await asyncio.wait_for(ch.channel_ready(), 10)
         stubs = {e: pb_grpc.CoordinatorStub(ch) for e, ch in channels.items()}
         watch_call, watch_task = await _open_watch(stubs[watch_endpoint], pb, ["TaskAssigned", "TaskStarted",
-                                                                               "TaskCompleted"], sink, stop)
+                                                                               "TaskCompleted"], sink, stop,
+                                                   creds.metadata())
         prefix = f"lat{os.getpid()}-{time.monotonic_ns() % 10**9}-"
         rows: list[dict[str, Any]] = []
         errors = 0
@@ -162,9 +167,10 @@ async def our_latency_client(endpoints: list[str], watch_endpoint: str, leader_e
             try:
                 t0 = time.time()
                 resp = await stub.SubmitTask(pb.SubmitTaskRequest(task=spec, idempotency_key=prefix + str(i)),
-                                             timeout=10)
+                                             timeout=10, metadata=creds.metadata())
                 t_ack = time.time()
-                w = await stub.WaitTasks(pb.WaitTasksRequest(task_ids=[resp.task_id], timeout_s=10), timeout=15)
+                w = await stub.WaitTasks(pb.WaitTasksRequest(task_ids=[resp.task_id], timeout_s=10), timeout=15,
+                                         metadata=creds.metadata())
                 t_done = time.time()
                 if not w.all_final or w.tasks[0].status != "completed":
                     raise RuntimeError(f"task {resp.task_id}: {w.tasks[0].status}")
@@ -220,15 +226,18 @@ async def our_latency_client(endpoints: list[str], watch_endpoint: str, leader_e
 
 async def our_throughput_client(endpoints: list[str], watch_endpoint: str, n: int = 5000, mode: str = "dag",
                                 batch: int = 500, submitters: int = 2, in_flight: int = 64,
-                                max_seconds: float = 90.0) -> Result:
+                                max_seconds: float = 90.0, *, data_dir: str) -> Result:
     """N echo tasks, as DAGs of `batch` without dependencies (mode "dag") or single SubmitTask calls
-    (mode "submit", `in_flight` at a time); until the last TaskCompleted arrives on the Watch stream."""
+    (mode "submit", `in_flight` at a time); until the last TaskCompleted arrives on the Watch stream.
+    ``data_dir``: the local cluster's directory, whose admin credentials every call carries."""
     import grpc
 
+    from benchmarks.bench_cluster import client_credentials
     from proto import coordinator_pb2 as pb
     from proto import coordinator_pb2_grpc as pb_grpc
 
-    channels = {e: grpc.aio.insecure_channel(e, options=GRPC_OPTIONS) for e in {*endpoints, watch_endpoint}}
+    creds = client_credentials(data_dir)
+    channels = {e: creds.aio_channel(e, GRPC_OPTIONS) for e in {*endpoints, watch_endpoint}}
     stop = asyncio.Event()
     completed: dict[str, float] = {}
     all_done = asyncio.Event()
@@ -259,11 +268,12 @@ async def our_throughput_client(endpoints: list[str], watch_endpoint: str, n: in
         stubs = [pb_grpc.CoordinatorStub(channels[e]) for e in endpoints]
         wstub = pb_grpc.CoordinatorStub(channels[watch_endpoint])
         watch_call, watch_task = await _open_watch(wstub, pb, ["TaskAssigned", "TaskStarted", "TaskCompleted"],
-                                                   sink, stop)
+                                                   sink, stop, creds.metadata())
         prefix = f"tp{os.getpid()}-{time.monotonic_ns() % 10**9}-"
         # The Watch stream is live once a probe task's completion comes through it.
         probe = await stubs[0].SubmitTask(pb.SubmitTaskRequest(task=pb.TaskSpec(type="echo", input_json="1"),
-                                                               idempotency_key=prefix + "probe"), timeout=10)
+                                                               idempotency_key=prefix + "probe"), timeout=10,
+                                          metadata=creds.metadata())
         end = time.monotonic() + 15
         while probe.task_id not in completed and time.monotonic() < end:
             await asyncio.sleep(0.01)
@@ -297,10 +307,10 @@ async def our_throughput_client(endpoints: list[str], watch_endpoint: str, n: in
                 for _attempt in range(5):  # idempotent: a retry never duplicates
                     try:
                         if mode == "dag":
-                            resp = await stub.SubmitDag(reqs[k], timeout=30)
+                            resp = await stub.SubmitDag(reqs[k], timeout=30, metadata=creds.metadata())
                             ours.update(resp.ordered_ids)
                         else:
-                            resp = await stub.SubmitTask(reqs[k], timeout=30)
+                            resp = await stub.SubmitTask(reqs[k], timeout=30, metadata=creds.metadata())
                             ours.add(resp.task_id)
                         break
                     except grpc.aio.AioRpcError:
@@ -399,6 +409,7 @@ class OurDispatchCluster:
                         [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", "algorithmic",
                          "--name", f"bench-e{k}", "--capacity", str(self.capacity),
                          "--prefetch", str(self.prefetch), "--endpoints", ",".join(rotated),
+                         "--data-dir", self.cl.data_dir,  # its certificate and key ring: the agent's credentials
                          "--log-level", "WARNING", "--output", "json"],
                         cwd=REPO_ROOT, env=_child_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                         stderr=log_file, preexec_fn=die_with_parent))
@@ -476,7 +487,8 @@ def run_ours(args, prof_dir: str | None) -> dict[str, Any]:
         pids = {**cl.pids(), **{f"agent{k}": pid for k, pid in enumerate(oc.agent_pids())}}
         out["latency"] = run_in_subprocess("benchmarks.bench_dispatch:our_latency_client",
                                            {"endpoints": cl.endpoints, "watch_endpoint": leader_ep,
-                                            "leader_endpoint": leader_ep, "samples": args.samples},
+                                            "leader_endpoint": leader_ep, "samples": args.samples,
+                                            "data_dir": cl.data_dir},
                                            timeout_s=120)
         before = oc.completed_count()
         rows = []
@@ -484,7 +496,7 @@ def run_ours(args, prof_dir: str | None) -> dict[str, Any]:
             with CpuSampler(pids) as cpu:
                 r = run_in_subprocess("benchmarks.bench_dispatch:our_throughput_client",
                                       {"endpoints": cl.endpoints, "watch_endpoint": leader_ep, "n": args.tasks,
-                                       "mode": mode, "batch": args.batch}, timeout_s=150)
+                                       "mode": mode, "batch": args.batch, "data_dir": cl.data_dir}, timeout_s=150)
             _cpu_extra(r, cpu, leader, [n.id for n in cl.lc.nodes])
             rows.append(r)
         out["throughput"] = rows
@@ -501,7 +513,8 @@ def run_ours(args, prof_dir: str | None) -> dict[str, Any]:
             try:
                 r = run_in_subprocess("benchmarks.bench_dispatch:our_throughput_client",
                                       {"endpoints": cl.endpoints, "watch_endpoint": leader_ep, "n": n_prof,
-                                       "mode": "dag", "batch": args.batch}, timeout_s=150)
+                                       "mode": "dag", "batch": args.batch, "data_dir": cl.data_dir},
+                                      timeout_s=150)
             finally:
                 out["profiles"] = [p_leader.stop(), p_exec.stop()]
             out["profile_load"] = r
