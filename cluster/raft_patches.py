@@ -1,10 +1,13 @@
-"""Our fixes for two measured bugs of pysyncobj 0.3.17, and the durability hook, in one transport.
+"""Our fixes for two measured bugs of pysyncobj 0.3.17, the durability hook and the membership
+check, in one transport.
 
 Pinned to ``pysyncobj==0.3.17``: this module reaches into two name-mangled attributes of
-``SyncObj`` (``__raftNextIndex``, ``__raftLog``) and relies on how 0.3.17's ``TcpConnection``
-times out, so importing it with any other version raises ``UnsupportedPysyncobjVersion``.
-Re-read both bugs in the new source before moving the pin. Nothing here copies pysyncobj code;
-we only subclass ``TCPTransport`` and wrap the callback ``SyncObj`` installs on it.
+``SyncObj`` (``__raftNextIndex``, ``__raftLog``), relies on how 0.3.17's ``TcpConnection``
+times out, and overrides ``TCPTransport``'s internal handlers of incoming connections
+(``_onNewIncomingConnection``, ``_onIncomingMessageReceived``, ``_onDisconnected``), so importing
+it with any other version raises ``UnsupportedPysyncobjVersion``. Re-read both bugs and the
+incoming-connection handshake in the new source before moving the pin. Nothing here copies
+pysyncobj code; we only subclass ``TCPTransport`` and wrap the callback ``SyncObj`` installs on it.
 
 Use::
 
@@ -72,16 +75,60 @@ Durability hook: acknowledgements wait for one group fsync
     ``MemoryJournal``) sends everything at once. An exception from ``flush()`` propagates and
     the outbox is kept, not sent.
 
+Membership -- a node accepts Raft connections only from the peers in its configuration
+    What stock 0.3.17 does with an incoming connection (``TCPTransport._onIncomingMessageReceived``):
+    with a password every frame is Fernet-encrypted with a key derived from it, and a frame that
+    does not decrypt closes the connection silently, so a process without the cluster secret never
+    gets past the first frame (it is never unpickled). But a process *with* the secret is trusted
+    completely. After the random-key exchange its first message is either a node address, a list
+    (a "utility" command of the ``syncobj_admin`` tool: ``status``, ``add``, ``remove``,
+    ``set_version``, ``transfer``; answered on the spot), or the string ``'readonly'``. An address
+    not in the configuration is dropped, but ``'readonly'`` is accepted as a read-only node: the
+    leader replicates its whole log to it, and every message it sends goes to ``SyncObj``'s handler
+    unchecked -- ``apply_command`` (the leader appends and commits it), ``append_entries`` and
+    ``request_vote`` with any term (a node adopts the term, steps down, and even follows it as
+    leader and truncates its log). A configured address is accepted from any remote IP, so such a
+    process can also pose as a member. Nothing checks the remote IP at all.
+    Fix (``_onNewIncomingConnection`` / ``_onIncomingMessageReceived``, before pysyncobj's own
+    handling): the connection is closed, with one rate-limited warning, when
+    - every configured peer's host is an IP literal and the remote IP is none of them (checked at
+      accept, before any frame is decrypted);
+    - the first message after the key exchange is not the address of a configured peer: this
+      refuses ``'readonly'``, unknown addresses and every utility command (we use neither
+      ``syncobj_admin`` nor dynamic membership);
+    - that peer's host is an IP literal and the connection does not come from that IP;
+    - the peer is one we connect to ourselves (pysyncobj connects only from the larger address to
+      the smaller, so a member never announces a smaller address than ours);
+    - the handshake is not done within ``connectionTimeout`` (stock never times out an incoming
+      connection that sends nothing, so unauthenticated connections could pile up).
+    A connection pysyncobj closes because a frame did not decrypt (the wrong secret) gets the same
+    warning; stock logs nothing. (To know, the connection's Fernet is wrapped until its handshake
+    is done.) Warnings: one per (remote IP, reason) per ``REFUSAL_LOG_INTERVAL_S``, for at most
+    ``REFUSAL_LOG_KEYS_MAX`` keys at a time, then one summary per interval -- keyed by IP, not by
+    the announced address, which the peer chooses; ``refusals.refused_total`` counts them all.
+    Why it is safe: a configured peer running this or the stock transport passes every check --
+    it connects from its own address to a smaller one and announces the configured address. The
+    IP check assumes a node's outgoing connections leave from the IP of its configured Raft
+    address, which holds unless the host routes to some peers through another interface; such a
+    host must use hostnames in the cluster file (the IP checks are then skipped, the address
+    check is not) -- the warning names the IP it saw. The bind address is unchanged: ``node.py``
+    passes ``bindAddress=raft_address``, so the listener binds that address only (pysyncobj binds
+    ``0.0.0.0`` only when no ``bindAddress`` is given).
+
 Regression tests: ``tests/test_raft_patches.py`` (3-process clusters, stock vs this transport).
 Measured there: after a steady state longer than ``connectionTimeout``, stock drops the first
 ``request_vote`` in every trial and needs 2+ rounds (~2.8 s with a 1 s timeout, because the reconnect
 waits for ``connectionRetryTime``); patched drops none and elects in one round in 0.20-0.35 s. Under
 3000 writes with 16 in flight, stock followers receive ~35-55% of entries twice and log CRITICAL
 truncations in most runs; patched: zero of both, identical state on all nodes.
+Membership: ``tests/test_raft_membership.py`` (a real 3-node cluster and hand-made rogue peers).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import logging
+import socket
 import time
 from typing import Any, Callable
 
@@ -113,6 +160,15 @@ KEEPALIVE_INTERVALS_PER_CONNECTION_TIMEOUT = 4
 
 MessageHandler = Callable[[Node, Any], None]
 
+log = logging.getLogger("coordinator.raft")
+
+# Refused connections: one warning per (remote IP, reason) per interval, for at most this many
+# distinct keys at a time; beyond that, one summary warning per interval.
+REFUSAL_LOG_INTERVAL_S = 60.0
+REFUSAL_LOG_KEYS_MAX = 64
+# How much of a refused peer's (attacker-chosen) announcement goes into a log line.
+REFUSAL_LOG_ANNOUNCED_CHARS_MAX = 80
+
 
 def recommended_conf_kwargs() -> dict:
     """``SyncObjConf`` settings DESIGN.md recommends for the coordinator; callers add ``password`` etc.
@@ -137,8 +193,100 @@ def recommended_conf_kwargs() -> dict:
     }
 
 
+def ip_literal(host: str) -> str | None:
+    """The normalized IP if ``host`` (``[v6]`` brackets allowed) is an IP literal, else None."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped if mapped is not None else ip)
+
+
+class RefusalLog:
+    """Rate-limited warnings about refused connections, in bounded memory (``REFUSAL_LOG_*``)."""
+
+    def __init__(self, interval_s: float = REFUSAL_LOG_INTERVAL_S, keys_max: int = REFUSAL_LOG_KEYS_MAX,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._interval_s = interval_s
+        self._clock = clock
+        self._keys_max = keys_max
+        self._last_logged_s: dict[tuple[str, str], float] = {}
+        self._suppressed = 0
+        self._last_summary_s = float("-inf")
+        self.refused_total = 0
+
+    @property
+    def keys_tracked(self) -> int:
+        return len(self._last_logged_s)
+
+    def refused(self, remote_ip: str, reason: str, detail: str) -> None:
+        self.refused_total += 1
+        now_s = self._clock()
+        key = (remote_ip, reason)
+        last_s = self._last_logged_s.get(key)
+        if last_s is not None and now_s - last_s < self._interval_s:
+            return
+        if last_s is None and len(self._last_logged_s) >= self._keys_max:
+            for old_key, old_s in list(self._last_logged_s.items()):
+                if now_s - old_s >= self._interval_s:
+                    del self._last_logged_s[old_key]
+        if last_s is None and len(self._last_logged_s) >= self._keys_max:
+            self._suppressed += 1
+            if now_s - self._last_summary_s >= self._interval_s:
+                self._last_summary_s = now_s
+                log.warning("%d more Raft connections refused for new peers/reasons, not logged one by one "
+                            "(%d refused in total)", self._suppressed, self.refused_total)
+                self._suppressed = 0
+            return
+        self._last_logged_s[key] = now_s
+        log.warning("Raft connection from %s refused: %s (the same again is not logged for %.0f s)",
+                    remote_ip, detail, self._interval_s)
+
+
+class _DecryptFailureWatch:
+    """Stands in for the cluster's Fernet on an incoming connection until its handshake is done,
+    to remember that a frame failed to decrypt (pysyncobj then closes the connection silently)."""
+
+    def __init__(self, encryptor) -> None:
+        self.encryptor = encryptor
+        self.failed = False
+
+    def encrypt_at_time(self, data, current_time):
+        return self.encryptor.encrypt_at_time(data, current_time)
+
+    def extract_timestamp(self, token):
+        try:
+            return self.encryptor.extract_timestamp(token)
+        except Exception:
+            self.failed = True
+            raise
+
+    def decrypt(self, token, *args):
+        try:
+            return self.encryptor.decrypt(token, *args)
+        except Exception:
+            self.failed = True
+            raise
+
+
+def _remote_ip(conn) -> str | None:
+    """The remote IP of an accepted ``TcpConnection``, via its public ``fileno()``."""
+    fileno = conn.fileno()
+    if fileno is None:
+        return None
+    sock = socket.socket(fileno=fileno)  # borrows the descriptor; detach() gives it back unclosed
+    try:
+        return ip_literal(sock.getpeername()[0])
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+
+
 class CoordinatorTransport(TCPTransport):
-    """``TCPTransport`` with the Bug 1 and Bug 2 fixes and the journal flush hook (module docstring)."""
+    """``TCPTransport`` with the Bug 1 and Bug 2 fixes, the journal flush hook and the membership
+    check (module docstring)."""
 
     def __init__(self, syncObj, selfNode, otherNodes):
         # SyncObj.__init__ builds the journal and the nextIndex dict before the transport and never
@@ -150,6 +298,13 @@ class CoordinatorTransport(TCPTransport):
         self._last_send_by_node_s: dict = {}
         self._keepalive_interval_s = syncObj.conf.connectionTimeout / KEEPALIVE_INTERVALS_PER_CONNECTION_TIMEOUT
         self._outbox: list[tuple[Node, Any]] = []
+        # Membership: the IP each peer's configured host names, if it is an IP literal.
+        self._peer_ip_by_address: dict[str, str | None] = {n.address: ip_literal(n.host) for n in otherNodes}
+        peer_ips = set(self._peer_ip_by_address.values())
+        self._member_ips: frozenset | None = None if None in peer_ips else frozenset(peer_ips)
+        self._handshake_timeout_s: float = syncObj.conf.connectionTimeout
+        self._pending_incoming: dict[Any, tuple[str | None, float]] = {}  # conn -> (remote IP, accepted at)
+        self.refusals = RefusalLog()
         super().__init__(syncObj, selfNode, otherNodes)
         syncObj.addOnTickCallback(self._on_tick)
 
@@ -203,7 +358,81 @@ class CoordinatorTransport(TCPTransport):
 
     def _on_tick(self) -> None:
         self._send_keepalives()
+        self._expire_pending_incoming()
         self.flush_and_drain()
+
+    # --- Membership: only configured peers may connect ------------------------------------------
+
+    def _onNewIncomingConnection(self, conn):
+        super()._onNewIncomingConnection(conn)
+        if conn.encryptor is not None:
+            conn.encryptor = _DecryptFailureWatch(conn.encryptor)
+        remote_ip = _remote_ip(conn)
+        self._pending_incoming[conn] = (remote_ip, time.monotonic())
+        if self._member_ips is not None and remote_ip not in self._member_ips:
+            self._refuse(conn, "ip_not_member", "its IP is none of the configured peers' IPs")
+
+    def _onIncomingMessageReceived(self, conn, message):
+        if self._syncObj.encryptor and not conn.sendRandKey:
+            # The key exchange: a message that reached us decrypted with the cluster secret.
+            super()._onIncomingMessageReceived(conn, message)
+            return
+        refusal = self._refusal(conn, message)
+        if refusal is not None:
+            self._refuse(conn, *refusal)
+            return
+        self._pending_incoming.pop(conn, None)
+        if isinstance(conn.encryptor, _DecryptFailureWatch):
+            conn.encryptor = conn.encryptor.encryptor
+        super()._onIncomingMessageReceived(conn, message)
+
+    def _refusal(self, conn, message) -> tuple[str, str] | None:
+        """(reason, detail) if the peer's first message after the key exchange must be refused."""
+        if isinstance(message, list):
+            command = str(message[0])[:REFUSAL_LOG_ANNOUNCED_CHARS_MAX] if message else ""
+            return "utility", f"sent the utility command {command!r} (pysyncobj's admin interface is not served)"
+        announced = message if isinstance(message, str) else None
+        if announced is not None:
+            shown = repr(announced[:REFUSAL_LOG_ANNOUNCED_CHARS_MAX])
+        else:
+            shown = f"a {type(message).__name__[:REFUSAL_LOG_ANNOUNCED_CHARS_MAX]}"
+        if announced is None or announced not in self._nodeAddrToNode:
+            return "not_a_peer", f"announced {shown}, which is not a configured peer"
+        if self._selfNode is not None and not announced > self._selfNode.address:
+            return "wrong_direction", f"announced {shown}, a peer this node connects to itself"
+        expected_ip = self._peer_ip_by_address.get(announced)
+        remote_ip = self._pending_incoming.get(conn, (None, 0.0))[0]
+        if expected_ip is not None and remote_ip != expected_ip:
+            return "wrong_ip", f"announced {shown}, whose configured IP is {expected_ip}"
+        return None
+
+    def _refuse(self, conn, reason: str, detail: str) -> None:
+        remote_ip = self._pending_incoming.get(conn, (None, 0.0))[0]
+        self.refusals.refused(remote_ip or "unknown IP", reason, detail)
+        self._pending_incoming.pop(conn, None)
+        self._unknownConnections.discard(conn)
+        conn.disconnect()
+
+    def _expire_pending_incoming(self) -> None:
+        now_s = time.monotonic()
+        for conn, (_, accepted_s) in list(self._pending_incoming.items()):
+            if now_s - accepted_s > self._handshake_timeout_s:
+                self._refuse(conn, "handshake_timeout", f"no handshake within {self._handshake_timeout_s:.1f} s")
+
+    def _onDisconnected(self, conn):
+        pending = self._pending_incoming.pop(conn, None)
+        if pending is not None and getattr(conn.encryptor, "failed", False):
+            # pysyncobj closes a connection whose frame does not decrypt without a word; this is
+            # the only place a peer with the wrong cluster secret becomes visible. (A peer that
+            # just goes away before its handshake -- e.g. one that gave up on us while we were
+            # starting -- is not worth a warning.)
+            self.refusals.refused(pending[0] or "unknown IP", "wrong_secret",
+                                  "a frame did not decrypt with the cluster secret")
+        super()._onDisconnected(conn)
+
+    def destroy(self):
+        self._pending_incoming.clear()  # closing them now is our doing, not a refusal
+        super().destroy()
 
     # --- Bug 1: no peer connection is ever idle for connectionTimeout ---------------------------
 
