@@ -12,6 +12,13 @@ from cluster.local import LocalCluster
 
 os.environ.setdefault("HYPOTHESIS_PROFILE", "default")
 
+# No per-example deadline anywhere: it is a timing assertion, and these 2-core machines run
+# several suites at once (a 200 ms deadline failed a token test that took 2 s under load).
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
+
 
 @pytest.fixture
 def make_cluster(tmp_path) -> Iterator:

@@ -183,7 +183,8 @@ def test_retries_dead_letter_requeue_unschedulable_and_cancel(cluster3, executor
     with open(os.path.join(data_dir, "executor-worker.log")) as f:
         assert f"cancel ('{long}', 1)" in f.read()
     listed = subprocess.run([sys.executable, "-m", "cluster.cli", "executor", "list", "--output", "json",
-                             "--endpoints", cluster3.node(cluster3.wait_leader()).grpc_address],
+                             "--endpoints", cluster3.node(cluster3.wait_leader()).grpc_address,
+                             "--data-dir", data_dir],
                             capture_output=True, text=True, timeout=60, cwd=ROOT)
     [worker] = json.loads(listed.stdout)["executors"]
     assert worker["status"] == "online" and worker["capacity"] == 1 and worker["tasks_completed"] >= 3
