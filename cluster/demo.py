@@ -147,8 +147,26 @@ def main() -> None:
 
         console.rule("7. the committed event stream, from any node")
         coordctl("events", "watch", "--from-index", "1", "--count", "12", "--timeout", "5")
+
+        console.rule("8. security: every call is mTLS + a JWT, checked by RBAC and audited")
+        console.print("[bold cyan]$ coordctl --token not-a-jwt task list[/bold cyan]")
+        refused = subprocess.run([sys.executable, "-m", "cluster.cli", "--token", "not-a-jwt", "task", "list"],
+                                 env={**os.environ, "COORDCTL_DATA_DIR": DATA_DIR}, text=True, capture_output=True,
+                                 timeout=120, check=False)
+        console.print(refused.stderr.strip() or refused.stdout.strip(), highlight=False)
+        viewer = coordctl("token", "issue", "--subject", "viewer", "--role", "operator:level1", "--ttl", "300",
+                          capture=True).strip()
+        console.print("[bold cyan]$ coordctl --token $VIEWER task cancel …  (operator:level1 may read, not cancel)"
+                      "[/bold cyan]")
+        denied = subprocess.run([sys.executable, "-m", "cluster.cli", "--token", viewer, "task", "cancel", steps_id],
+                                env={**os.environ, "COORDCTL_DATA_DIR": DATA_DIR}, text=True, capture_output=True,
+                                timeout=120, check=False)
+        console.print(denied.stderr.strip() or denied.stdout.strip(), highlight=False)
+        time.sleep(1.5)  # access decisions reach the audit chain within a second
+        coordctl("audit", "list", "--outcome", "denied", "--last", "5")
+        coordctl("audit", "verify")
     finally:
-        console.rule("8. stop the executors and the cluster")
+        console.rule("9. stop the executors and the cluster")
         for proc in executors:
             if proc.poll() is None:
                 proc.terminate()
