@@ -204,6 +204,21 @@ class DecisionLog:
             self.dropped = 0
         return out
 
+    def put_back(self, decisions: list[Decision]) -> None:
+        """Decisions whose proposal failed (no leader yet, overload): kept for the next flush,
+        within the same bound. After an unknown outcome a decision may so be recorded twice —
+        counted too often rather than lost."""
+        for d in decisions:
+            key = (d.who, d.roles, d.action, d.resource, d.outcome)
+            held = self._pending.get(key)
+            if held is not None:
+                held.count += d.count
+            elif len(self._pending) < self._pending_max:
+                self._pending[key] = d
+            else:
+                self.dropped += d.count
+                self.dropped_total += d.count
+
     def __len__(self) -> int:
         return len(self._pending)
 
@@ -492,8 +507,12 @@ async def audit_loop(*, stamper: AuditStamper, decisions: DecisionLog, propose: 
         try:
             pending = decisions.drain()
             for start in range(0, len(pending), settings.decisions_per_command_max):
-                items = stamper.sign_decisions(pending[start:start + settings.decisions_per_command_max])
-                await propose(audit_decisions(stamper.node_id, items))
+                chunk = pending[start:start + settings.decisions_per_command_max]
+                try:
+                    await propose(audit_decisions(stamper.node_id, stamper.sign_decisions(chunk)))
+                except Exception:
+                    decisions.put_back(pending[start:])
+                    raise
             if not is_leader():
                 continue
             seq, head_hash, head_every = chain_head()
