@@ -248,7 +248,7 @@ class OurCluster:
             self.lc = LocalCluster(self.tmp, env={"PYTHONPATH": str(REPO_ROOT)}, extra_args=list(self.extra_args),
                                    insecure_dev=self.insecure_dev)
             self.lc.up(self.size, wait_leader_s=60)
-            self.lc.wait_converged(30)
+            self.wait_caught_up(30)
         except BaseException:
             self.close()
             raise
@@ -298,6 +298,33 @@ class OurCluster:
 
     def pids(self) -> dict[str, int]:
         return {n.id: n.pid for n in self.lc.nodes}
+
+    def wait_caught_up(self, timeout_s: float = 30.0) -> tuple[str, int]:
+        """Wait until every node has applied what the leader had applied when the wait began;
+        return (leader, that index). Not ``LocalCluster.wait_converged`` (equal applied index and
+        state hash on all nodes at one poll): on a secure cluster each node turns the access
+        decisions of the last second — these status polls included — into an audit command, so
+        the applied index keeps moving by ~3 a second and an equal snapshot is luck under load."""
+        deadline = time.monotonic() + timeout_s
+        leader = self.leader(timeout_s)
+        st = self.status(leader, 2.0)
+        while st is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leader = self.leader(max(1.0, deadline - time.monotonic()))
+            st = self.status(leader, 2.0)
+        if st is None:
+            raise TimeoutError(f"leader {leader} did not answer within {timeout_s} s")
+        # The applied index, not commit_index: Raft's own entries (a new leader's no-op) advance the
+        # commit index but never reach apply, so an idle cluster's applied index can stay below it.
+        target = st.applied_index
+        last: dict[str, int | None] = {}
+        while time.monotonic() < deadline:
+            statuses = self.lc.statuses(2.0)
+            last = {k: (v.applied_index if v is not None else None) for k, v in statuses.items()}
+            if all(v is not None and v >= target for v in last.values()):
+                return leader, target
+            time.sleep(0.05)
+        raise TimeoutError(f"nodes did not catch up to index {target} within {timeout_s} s: {last}")
 
 
 # --------------------------------------------------------------------------- profiling (optional)
@@ -507,7 +534,7 @@ def wait_serving(address: str, timeout_s: float, creds, poll_s: float = 0.01):
 def run_failover(cl: OurCluster, runs: int = 5, *, probe_every_s: float = 0.01, settle_s: float = 1.0) -> FailoverResult:
     out, attempts, serving = [], [], []
     for _ in range(runs):
-        cl.lc.wait_converged(30)
+        cl.wait_caught_up(30)
         time.sleep(settle_s)
         leader = cl.leader()
         survivors = [n.id for n in cl.lc.nodes if n.id != leader]
@@ -523,7 +550,7 @@ def run_failover(cl: OurCluster, runs: int = 5, *, probe_every_s: float = 0.01, 
         t1, _ = wait_serving(cl.node(leader).grpc_address, 30, cl.admin)
         serving.append(t1 - t0)
         cl.lc.wait_leader(30)
-        cl.lc.wait_converged(30)
+        cl.wait_caught_up(30)
     return FailoverResult(out, attempts, serving)
 
 
@@ -543,10 +570,9 @@ class RestartResult:
 
 
 def _quiet_leader_applied(cl: OurCluster) -> tuple[str, int]:
-    """Wait until every node has applied the same index (no load running); return leader, index."""
-    cl.lc.wait_converged(60)
-    leader = cl.leader()
-    return leader, cl.status(leader).applied_index
+    """Wait until every node has applied what the leader had applied (no load running; a secure
+    cluster still commits its audit trickle); return leader, that index."""
+    return cl.wait_caught_up(60)
 
 
 def measure_restart(cl: OurCluster, node_id: str, label: str, timeout_s: float = 60.0) -> RestartResult:
