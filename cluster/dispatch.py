@@ -341,7 +341,9 @@ class Dispatcher:
     def _backoff_ms(self, attempt: int) -> int:
         """Exponential backoff with jitter, stamped by the proposer (apply never draws randomness)."""
         s = self.settings
-        base = min(s.retry_backoff_max_s, s.retry_backoff_base_s * 2 ** max(0, attempt - 1))
+        # The exponent is capped: an attempt number comes from the executor (2 ** 2**31 would
+        # stall the loop; a float of 2 ** 1100 overflows), and the cap is reached long before.
+        base = min(s.retry_backoff_max_s, s.retry_backoff_base_s * 2 ** min(max(0, attempt - 1), 62))
         jitter = 1 + random.uniform(-s.retry_jitter_fraction, s.retry_jitter_fraction)
         return int(base * jitter * 1000)
 

@@ -267,16 +267,26 @@ class LocalCluster:
         return leaders[0] if len(leaders) == 1 else None
 
     def wait_converged(self, timeout_s: float = 30.0) -> str:
-        """Wait until every node runs, has applied the same index and holds the same state hash;
-        return the domain hash there (the state without the audit chain, which records every
-        access decision — these status calls included — and so keeps growing)."""
+        """Wait until every node runs and holds the same domain state (tasks, executors,
+        checkpoints, events, secrets); return its hash. The audit chain is left out of the
+        comparison: on a secure cluster every node turns each second's access decisions — these
+        status calls included — into a command, so the applied index rarely stands still. Any
+        two nodes seen at the same applied index must hold the same full state hash, or this
+        raises: that would be divergence."""
         deadline = time.monotonic() + timeout_s
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
             statuses = self.statuses(2.0, state_hash=True)
-            last = {k: (v.applied_index, v.state_hash[:12]) if v else None for k, v in statuses.items()}
+            last = {k: (v.applied_index, v.domain_hash[:12]) if v else None for k, v in statuses.items()}
             values = list(statuses.values())
-            if all(values) and len({(v.applied_index, v.state_hash) for v in values}) == 1:
+            by_index: dict[int, set[str]] = {}
+            for v in values:
+                if v is not None:
+                    by_index.setdefault(v.applied_index, set()).add(v.state_hash)
+            diverged = {index: hashes for index, hashes in by_index.items() if len(hashes) > 1}
+            if diverged:
+                raise ClusterError(f"nodes at the same applied index hold different states: {diverged}")
+            if all(values) and len({v.domain_hash for v in values}) == 1:
                 return values[0].domain_hash
             time.sleep(0.1)
         raise ClusterError(f"nodes did not converge within {timeout_s:.0f} s: {last}")

@@ -28,6 +28,7 @@ from cluster.credentials import JWT_KEYS_FILE, KEK_FILE, ClientCredentials
 from cluster.auth import AuditStamper, AuthInterceptor, DecisionLog, ServerTls, audit_loop
 from cluster.dispatch import DispatchSettings, Dispatcher
 from cluster.proposer import Proposer, ProposerLimits
+from cluster.request_guard import RequestGuard
 from cluster.raft import ROLE_NAMES, RaftLog
 from cluster.raft_patches import CoordinatorTransport, recommended_conf_kwargs
 from cluster.service import AppliedWaiters, CoordinatorService, now_ms
@@ -129,7 +130,7 @@ class Node:
         me = config.me
         # Security configuration is checked before anything starts (a bad policy, a missing
         # certificate or key stops the node with a message, not a half-started process).
-        interceptors = []
+        interceptors: list[grpc.aio.ServerInterceptor] = []
         server_credentials = None
         if config.insecure_dev:
             log.warning("node %s: --insecure-dev: plaintext gRPC, no authentication, no RBAC, no audit", me.id)
@@ -176,7 +177,8 @@ class Node:
             is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
             settings=config.dispatch, relay_credentials=relay_credentials,
         )
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
+        # Outermost first: authentication and RBAC, then the guard against undecodable bodies.
+        self.server = grpc.aio.server(interceptors=[*interceptors, RequestGuard()], options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.so_reuseport", 0),

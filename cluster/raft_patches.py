@@ -58,6 +58,15 @@ Bug 2 -- the leader moves ``nextIndex`` backwards on success and re-sends in-fli
     in-flight entries (reconnect, restart) rejects the next append and gets them re-sent.
     TCP keeps one connection's messages in order, so a stale success cannot undo a reset.
 
+Bug 3 -- an entry larger than ``appendEntriesBatchSizeBytes`` that is not plain ASCII never arrives
+    The leader pickles such an entry, sends it in chunks of that size and marks the chunk with
+    ``pos + size >= len(raw entry)`` as the last one; the pickled entry is longer than the raw
+    one (protocol 2 stores each byte >= 0x80 as two), so the follower is told to finish early
+    and fails to unpickle ("pickle data was truncated"; found by tests/test_rpc_fuzz.py with a
+    50 KB Cyrillic task input). Fix: ``appendEntriesBatchSizeBytes`` above any entry we can
+    produce (``APPEND_ENTRIES_BATCH_BYTES``, 64 MiB; a request is at most 32 MiB), so the
+    chunked path never runs; entries go whole, several per message when a follower lags.
+
 Durability hook: acknowledgements wait for one group fsync
     ``SyncObj`` writes the journal (``_SyncObj__raftLog``) on its tick thread. Our journal
     queues writes and makes them durable in one ``flush()`` (group commit). A message that
@@ -170,6 +179,9 @@ REFUSAL_LOG_KEYS_MAX = 64
 REFUSAL_LOG_ANNOUNCED_CHARS_MAX = 80
 
 
+APPEND_ENTRIES_BATCH_BYTES = 64 << 20
+
+
 def recommended_conf_kwargs() -> dict:
     """``SyncObjConf`` settings DESIGN.md recommends for the coordinator; callers add ``password`` etc.
 
@@ -190,6 +202,13 @@ def recommended_conf_kwargs() -> dict:
         "appendEntriesPeriod": 0.05,
         "leaderFallbackTimeout": 1.0,
         "connectionTimeout": 3.5,
+        # Bug 3 (see the module docstring): pysyncobj 0.3.17 splits one entry larger than this
+        # into chunks and marks the last one by the entry's raw size instead of its pickled size,
+        # which is larger for bytes >= 0x80 (protocol-2 pickles them as two UTF-8 bytes): a
+        # non-ASCII entry over 64 KiB, or one a few dozen bytes under a multiple of it, never
+        # arrives whole and followers fail to unpickle it. Above every entry we can produce (a
+        # request is at most 32 MiB, GRPC_MESSAGE_BYTES_MAX), the chunked path never runs.
+        "appendEntriesBatchSizeBytes": APPEND_ENTRIES_BATCH_BYTES,
     }
 
 

@@ -204,7 +204,18 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             await self._abort(context, result.code, result.message)
         return result.value
 
+    async def _ids(self, context: grpc.aio.ServicerContext, **fields: str) -> None:
+        """Ids a request names are bounded before anything uses them (they reach Raft commands,
+        error messages and the audit log)."""
+        limit = self._limits.id_chars_max
+        for name, value in fields.items():
+            if len(value) > limit:
+                await self._abort(context, "INVALID_ARGUMENT", f"{name}: at most {limit} chars (id_chars_max), "
+                                                               f"got {len(value)}")
+
     async def _barrier(self, consistency: int, context: grpc.aio.ServicerContext) -> None:
+        if consistency not in (pb.CONSISTENCY_LOCAL, pb.CONSISTENCY_LINEARIZABLE):
+            await self._abort(context, "INVALID_ARGUMENT", f"consistency: LOCAL (0) or LINEARIZABLE (1), got {consistency}")
         if consistency == pb.CONSISTENCY_LINEARIZABLE:
             await self._propose(cmd.noop(), context)
 
@@ -262,6 +273,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return await self._propose(cmd.submit_tasks(stamp, rows, idempotency_key, dag_id), context)
 
     async def GetTask(self, request: pb.GetTaskRequest, context) -> pb.Task:  # noqa: N802
+        await self._ids(context, task_id=request.task_id)
         await self._barrier(request.consistency, context)
         record = self._fsm.tasks.get(request.task_id)
         if record is None:
@@ -270,6 +282,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return task_to_pb(record)
 
     async def ListTasks(self, request: pb.ListTasksRequest, context) -> pb.ListTasksResponse:  # noqa: N802
+        await self._ids(context, dag_id=request.dag_id, after_id=request.after_id, type=request.type)
         limit = request.limit or LIST_LIMIT_DEFAULT
         if not 1 <= limit <= LIST_LIMIT_MAX:
             await self._abort(context, "INVALID_ARGUMENT", f"limit: must be between 1 and {LIST_LIMIT_MAX}, got {limit}")
@@ -313,6 +326,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.ListTasksResponse(tasks=out, next_after_id=next_after, total_matching=total)
 
     async def CancelTask(self, request: pb.CancelTaskRequest, context) -> pb.CancelTaskResponse:  # noqa: N802
+        await self._ids(context, task_id=request.task_id)
         if len(request.reason.encode()) > self._limits.cancel_reason_bytes_max:
             await self._abort(context, "INVALID_ARGUMENT", f"reason: at most {self._limits.cancel_reason_bytes_max} bytes")
         if request.task_id not in self._fsm.tasks:
@@ -321,6 +335,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.CancelTaskResponse(task=task_to_pb(self._fsm.tasks[request.task_id]))
 
     async def CancelDag(self, request: pb.CancelDagRequest, context) -> pb.CancelDagResponse:  # noqa: N802
+        await self._ids(context, dag_id=request.dag_id)
         if len(request.reason.encode()) > self._limits.cancel_reason_bytes_max:
             await self._abort(context, "INVALID_ARGUMENT", f"reason: at most {self._limits.cancel_reason_bytes_max} bytes")
         value = await self._propose(cmd.cancel_dag(now_ms(), request.dag_id, request.reason), context)
@@ -330,6 +345,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         ids = list(dict.fromkeys(request.task_ids))
         if not ids or len(ids) > WAIT_TASKS_MAX:
             await self._abort(context, "INVALID_ARGUMENT", f"task_ids: 1..{WAIT_TASKS_MAX} ids, got {len(ids)}")
+        await self._ids(context, **{"task_ids[]": max(ids, key=len)})
         missing = [task_id for task_id in ids if task_id not in self._fsm.tasks]
         if missing:
             await self._abort(context, "NOT_FOUND", f"task_ids: no task {missing[0][:80]!r}")
@@ -360,6 +376,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.RegisterExecutorResponse(executor_id=value["id"], index=value["index"])
 
     async def UnregisterExecutor(self, request, context) -> pb.UnregisterExecutorResponse:  # noqa: N802
+        await self._ids(context, executor_id=request.executor_id)
         value = await self._propose(cmd.unregister_executor(now_ms(), request.executor_id), context)
         return pb.UnregisterExecutorResponse(index=value["index"])
 
@@ -374,6 +391,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for r, load in rows])
 
     async def RequeueTask(self, request: pb.RequeueTaskRequest, context) -> pb.RequeueTaskResponse:  # noqa: N802
+        await self._ids(context, task_id=request.task_id)
         extra = request.extra_attempts or self._limits.max_attempts_default
         if not 1 <= extra <= self._limits.max_attempts_max:
             await self._abort(context, "INVALID_ARGUMENT",
@@ -390,6 +408,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             yield message
 
     async def Delegate(self, request: pb.DelegateRequest, context) -> pb.DelegateResponse:  # noqa: N802
+        await self._ids(context, parent_task_id=request.parent_task_id, executor_id=request.executor_id)
         request_id = request.request_id
         if not request_id or len(request_id) > self._limits.idempotency_key_chars_max or not request_id.isprintable():
             await self._abort(context, "INVALID_ARGUMENT",
@@ -412,6 +431,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     # -- checkpoints -----------------------------------------------------------------------
     async def SaveCheckpoint(self, request: pb.SaveCheckpointRequest, context) -> pb.SaveCheckpointResponse:  # noqa: N802
+        await self._ids(context, task_id=request.task_id, executor_id=request.executor_id)
         data: dict[str, Any] = {
             "task_id": request.task_id, "attempt": request.attempt, "executor_id": request.executor_id,
             "sequence_number": request.sequence_number, "kind": request.kind, "checksum": request.checksum,
@@ -435,6 +455,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         every checkpoint of the earlier attempts (each was fenced to its own lease, so it is
         earlier in the log): the lease check doubles as the freshness check. A node that lags
         behind the lease catches up through a barrier first."""
+        await self._ids(context, task_id=request.task_id, executor_id=request.executor_id)
         record = self._fsm.tasks.get(request.task_id)
         if record is not None and record.attempt < request.attempt:
             await self._propose(cmd.noop(), context)
@@ -457,6 +478,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             chain_bytes=recovery.chain.delta_bytes, problem=recovery.problem or "")
 
     async def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context) -> pb.ListCheckpointsResponse:  # noqa: N802
+        await self._ids(context, task_id=request.task_id)
         await self._barrier(request.consistency, context)
         record = await self._task_or_abort(request.task_id, context)
         records = self._fsm.checkpoints_of(request.task_id)
@@ -465,6 +487,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                           payload_bytes_total=sum(r.payload_bytes for r in records))
 
     async def GetCheckpoint(self, request: pb.GetCheckpointRequest, context) -> pb.GetCheckpointResponse:  # noqa: N802
+        await self._ids(context, task_id=request.task_id)
         await self._barrier(request.consistency, context)
         await self._task_or_abort(request.task_id, context)
         records = self._fsm.checkpoints_of(request.task_id)
@@ -539,6 +562,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.PutSecretResponse(index=value["index"])
 
     async def GetSecret(self, request: pb.GetSecretRequest, context) -> pb.GetSecretResponse:  # noqa: N802
+        await self._ids(context, name=request.name)
         envelope = self._fsm.secrets.get(request.name)
         if envelope is None:
             await self._abort(context, "NOT_FOUND", f"name: no secret {request.name[:128]!r}")
@@ -559,6 +583,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             for name, e in sorted(self._fsm.secrets.items())])
 
     async def DeleteSecret(self, request: pb.DeleteSecretRequest, context) -> pb.DeleteSecretResponse:  # noqa: N802
+        await self._ids(context, name=request.name)
         value = await self._propose(cmd.delete_secret(now_ms(), request.name), context)
         return pb.DeleteSecretResponse(index=value["index"])
 

@@ -26,6 +26,7 @@ class Limits:
     max_attempts_max: int = 100
     deadline_horizon_s_max: int = 366 * 24 * 3600
     idempotency_key_chars_max: int = 128
+    id_chars_max: int = 128  # any id a request names (task, DAG, executor, secret): checked before use
     cancel_reason_bytes_max: int = 1024
     executor_capacity_max: int = 10_000
     executor_task_types_max: int = 256

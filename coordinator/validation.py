@@ -44,7 +44,14 @@ def _reject_constant(token: str) -> Any:
     raise ValueError(f"{token} is not valid JSON")
 
 
-_strict_json = json.JSONDecoder(parse_constant=_reject_constant)
+def _finite_float(token: str) -> float:
+    value = float(token)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{token} is out of range for a number")
+    return value
+
+
+_strict_json = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 
 
 def _check_json(text: str, where: str, bytes_max: int) -> str:
