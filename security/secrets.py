@@ -219,36 +219,14 @@ class SecretStore:
         entry = self._entries.get(name)
         if entry is None:
             raise SecretError(f"secret {name!r}: not in the store")
-        if entry["kek_id"] != self.kek.kek_id:
-            raise SecretError(f"secret {name!r}: wrapped by KEK {entry['kek_id']}, not by the loaded {self.kek.kek_id}")
-        try:
-            data_key = AESGCM(self.kek.key).decrypt(_unb64(entry["key_nonce"]), _unb64(entry["wrapped_key"]),
-                                                    name.encode())
-            value = AESGCM(data_key).decrypt(_unb64(entry["nonce"]), _unb64(entry["ciphertext"]), name.encode())
-        except (InvalidTag, ValueError):
-            raise SecretError(f"secret {name!r}: does not decrypt (tampered, or moved from another name)") from None
-        return value.decode()
+        return unseal(name, entry, self.kek)
 
     # ------------------------------------------------------------------------------ writing
     def put(self, name: str, value: str) -> None:
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            raise SecretError("name: 1..128 chars of [A-Za-z0-9_.-]")
-        if not isinstance(value, str) or not value:
-            raise SecretError(f"secret {name!r}: a non-empty string")
-        raw = value.encode()
-        if len(raw) > SECRET_BYTES_MAX:
-            raise SecretError(f"secret {name!r}: at most {SECRET_BYTES_MAX} bytes (SECRET_BYTES_MAX), got {len(raw)}")
+        check_secret(name, value)
         if name not in self._entries and len(self._entries) >= SECRETS_MAX:
             raise SecretError(f"store: at most {SECRETS_MAX} secrets (SECRETS_MAX)")
-        data_key = AESGCM.generate_key(bit_length=256)
-        nonce, key_nonce = os.urandom(12), os.urandom(12)
-        self._entries[name] = {
-            "kek_id": self.kek.kek_id,
-            "key_nonce": _b64(key_nonce),
-            "wrapped_key": _b64(AESGCM(self.kek.key).encrypt(key_nonce, data_key, name.encode())),
-            "nonce": _b64(nonce),
-            "ciphertext": _b64(AESGCM(data_key).encrypt(nonce, raw, name.encode())),
-        }
+        self._entries[name] = seal(name, value, self.kek)
         self._save()
 
     def delete(self, name: str) -> bool:
@@ -259,18 +237,7 @@ class SecretStore:
 
     def rotate(self, new_kek: Kek) -> int:
         """Re-wrap every data key under `new_kek` (all or nothing); returns how many."""
-        rewrapped: dict[str, dict[str, str]] = {}
-        for name, entry in self._entries.items():
-            if entry["kek_id"] != self.kek.kek_id:
-                raise SecretError(f"secret {name!r}: wrapped by KEK {entry['kek_id']}, not by the loaded {self.kek.kek_id}")
-            try:
-                data_key = AESGCM(self.kek.key).decrypt(_unb64(entry["key_nonce"]), _unb64(entry["wrapped_key"]),
-                                                        name.encode())
-            except (InvalidTag, ValueError):
-                raise SecretError(f"secret {name!r}: its data key does not unwrap; nothing was rotated") from None
-            key_nonce = os.urandom(12)
-            rewrapped[name] = {**entry, "kek_id": new_kek.kek_id, "key_nonce": _b64(key_nonce),
-                               "wrapped_key": _b64(AESGCM(new_kek.key).encrypt(key_nonce, data_key, name.encode()))}
+        rewrapped = {name: rewrap(name, entry, self.kek, new_kek) for name, entry in self._entries.items()}
         self._entries, self.kek = rewrapped, new_kek
         self._save()
         return len(rewrapped)
