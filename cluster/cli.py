@@ -281,6 +281,8 @@ def node_run(
     policy_file: str = typer.Option("", "--policy-file", help="RBAC policy YAML (default: the shipped one)"),
     node_insecure_dev: bool = typer.Option(False, "--insecure-dev", help="DEVELOPMENT ONLY: plaintext, no "
                                                                          "authentication, RBAC or audit"),
+    metrics_address: str = typer.Option("", "--metrics-address", help="serve Prometheus metrics at "
+                                                                      "http://HOST:PORT/metrics (default: off)"),
 ) -> None:
     """Run one coordinator node in the foreground (for real deployments and `cluster up`)."""
     from cluster.node import NodeConfig, load_cluster_file, load_secret, run_node
@@ -294,7 +296,8 @@ def node_run(
                         secret=secret, log_compaction_min_entries=log_compaction_min_entries,
                         log_compaction_min_time_s=log_compaction_min_time_s,
                         proposer=ProposerLimits(commands_in_flight_max=commands_in_flight_max),
-                        certs_dir=node_certs_dir, policy_file=policy_file, insecure_dev=node_insecure_dev)
+                        certs_dir=node_certs_dir, policy_file=policy_file, insecure_dev=node_insecure_dev,
+                        metrics_address=metrics_address)
     try:
         config.me  # noqa: B018 (validates node_id early with a clear message)
     except ValueError as exc:

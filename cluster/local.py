@@ -60,10 +60,11 @@ class LocalNode:
     grpc_address: str
     data_dir: str
     pid: int = 0
+    metrics_address: str = ""   # Prometheus /metrics ("" in cluster files written before it existed)
 
     def as_dict(self) -> dict[str, Any]:
         return {"id": self.id, "raft_address": self.raft_address, "grpc_address": self.grpc_address,
-                "data_dir": self.data_dir, "pid": self.pid}
+                "data_dir": self.data_dir, "pid": self.pid, "metrics_address": self.metrics_address}
 
 
 class LocalCluster:
@@ -168,7 +169,7 @@ class LocalCluster:
             return
         self.nodes = [
             LocalNode(f"n{i}", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
-                      os.path.join(self.data_dir, f"n{i}"))
+                      os.path.join(self.data_dir, f"n{i}"), metrics_address=f"127.0.0.1:{free_port()}")
             for i in range(1, nodes + 1)
         ]
         self._save()
@@ -189,7 +190,8 @@ class LocalCluster:
         log_file = open(os.path.join(node.data_dir, "node.log"), "ab")  # noqa: SIM115
         cmd = [sys.executable, "-m", "cluster.cli", "node", "run", "--cluster-file", self.file, "--node-id", node.id,
                "--data-dir", node.data_dir, "--secret-file", self.secret_file,
-               *(["--insecure-dev"] if self.insecure_dev else ["--certs-dir", self.certs_dir]), *self.extra_args]
+               *(["--insecure-dev"] if self.insecure_dev else ["--certs-dir", self.certs_dir]),
+               *(["--metrics-address", node.metrics_address] if node.metrics_address else []), *self.extra_args]
         proc = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, **self.env, **(env or {})}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

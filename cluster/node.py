@@ -76,6 +76,8 @@ class NodeConfig:
     certs_dir: str = ""
     policy_file: str = ""
     insecure_dev: bool = False
+    # Prometheus metrics at http://<metrics_address>/metrics ("" = not served).
+    metrics_address: str = ""
 
     @property
     def me(self) -> NodeAddress:
@@ -119,6 +121,8 @@ class Node:
         self.stamper: AuditStamper | None = None
         self.decisions: DecisionLog | None = None
         self.token_issuer: Callable[[], TokenIssuer] | None = None
+        self.interceptor: AuthInterceptor | None = None
+        self.metrics_server: Any = None
 
     def _paths(self) -> tuple[str, str]:
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -210,8 +214,37 @@ class Node:
             self._audit_task = asyncio.create_task(audit_loop(
                 stamper=self.stamper, decisions=self.decisions, propose=self.proposer.propose,
                 is_leader=self.raft._isLeader, chain_head=self._audit_head, clock_ms=now_ms, stopping=self._stopped))
+        if config.metrics_address:
+            self._start_metrics()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("node %s serving gRPC on %s, raft on %s", me.id, me.grpc_address, me.raft_address)
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        status = self.status()
+        with self.fsm_lock:
+            executor_statuses: dict[str, int] = {}
+            for record in self.fsm.executors.values():
+                executor_statuses[record.status] = executor_statuses.get(record.status, 0) + 1
+            return {
+                "role": status.role, "term": status.term, "commit_index": status.commit_index,
+                "applied_index": status.applied_index, "task_statuses": dict(self.fsm.status_counts),
+                "executor_statuses": executor_statuses, "audit_records": len(self.fsm.audit),
+                "secrets": len(self.fsm.secrets), "commands_in_flight": status.commands_in_flight,
+                "denied_total": self.interceptor.denied_total if self.interceptor is not None else 0,
+            }
+
+    def _start_metrics(self) -> None:
+        from prometheus_client import start_http_server
+
+        from cluster.metrics import node_registry
+
+        host, _, port = self.config.metrics_address.rpartition(":")
+        try:
+            self.metrics_server, _thread = start_http_server(int(port), addr=host or "127.0.0.1",
+                                                             registry=node_registry(self.config.node_id,
+                                                                                    self.metrics_snapshot))
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--metrics-address: cannot serve on {self.config.metrics_address!r} ({exc})") from None
 
     def _audit_head(self) -> tuple[int, str, int]:
         with self.fsm_lock:
@@ -276,6 +309,8 @@ class Node:
 
     async def stop(self) -> None:
         self._stopped.set()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if self._audit_task is not None:
             self._audit_task.cancel()
         if self.dispatcher is not None:
