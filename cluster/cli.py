@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import re
 import sys
@@ -70,13 +69,14 @@ EndpointsOpt = typer.Option(None, "--endpoints", help="host:port,... (default: C
 DataDirOpt = typer.Option(None, "--data-dir", help="local cluster directory (default: COORDCTL_DATA_DIR or ./.coord)")
 
 
-def configure_logging(level: str) -> None:
-    """Logs to stderr, with anything that looks like a token or key masked."""
-    from security.secrets import MaskingFilter
+def configure_logging(level: str, log_format: str = "json", node: str = "") -> None:
+    """Logs to stderr as JSON lines (or text), with anything that looks like a token or key masked."""
+    from cluster.logs import configure_logging as configure
 
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(MaskingFilter())
+    try:
+        configure(level, log_format, node)
+    except ValueError as exc:
+        fail(str(exc))
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -283,12 +283,13 @@ def node_run(
                                                                          "authentication, RBAC or audit"),
     metrics_address: str = typer.Option("", "--metrics-address", help="serve Prometheus metrics at "
                                                                       "http://HOST:PORT/metrics (default: off)"),
+    log_format: str = typer.Option("json", "--log-format", help="json (one object per line) or text"),
 ) -> None:
     """Run one coordinator node in the foreground (for real deployments and `cluster up`)."""
     from cluster.node import NodeConfig, load_cluster_file, load_secret, run_node
     from cluster.proposer import ProposerLimits
 
-    configure_logging(log_level)
+    configure_logging(log_level, log_format, node_id)
     secret = load_secret(secret_file)
     if not node_insecure_dev and not node_certs_dir:
         fail("--certs-dir: required (created by `coordctl certs init` / `cluster up`), or --insecure-dev")
@@ -1087,6 +1088,7 @@ def executor_run(
                                                        "slot that frees starts the next one at once (0-10000)"),
     heartbeat_interval_s: float = typer.Option(1.0, "--heartbeat-interval-s",
                                                help="used until the node's welcome names its own"),
+    log_format: str = typer.Option("json", "--log-format", help="json (one object per line) or text"),
     secret_env: list[str] = typer.Option([], "--secret-env", help="VAR=SECRET: the adapter sees the cluster "
                                                                   "secret SECRET as VAR (e.g. CLOUDRU_API_KEY="
                                                                   "cloudru_api_key); repeatable"),
@@ -1118,7 +1120,7 @@ def executor_run(
         except ValueError as exc:
             fail(str(exc))
     eps = call(resolve_endpoints, endpoints, data_dir)
-    configure_logging(log_level)
+    configure_logging(log_level, log_format)
     credentials = credentials_for(data_dir, cert_name=_Auth.cert_name if _Auth.cert_name != "cli" else "executor",
                                   subject=f"executor:{executor_id or name}", roles=("agent:executor",),
                                   refresh_endpoints=eps)

@@ -191,7 +191,9 @@ class LocalCluster:
         cmd = [sys.executable, "-m", "cluster.cli", "node", "run", "--cluster-file", self.file, "--node-id", node.id,
                "--data-dir", node.data_dir, "--secret-file", self.secret_file,
                *(["--insecure-dev"] if self.insecure_dev else ["--certs-dir", self.certs_dir]),
-               *(["--metrics-address", node.metrics_address] if node.metrics_address else []), *self.extra_args]
+               *(["--metrics-address", node.metrics_address] if node.metrics_address else []),
+               # node.log of a local cluster is read by people; `extra_args` may say --log-format json
+               "--log-format", "text", *self.extra_args]
         proc = subprocess.Popen(
             cmd, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
             env={**os.environ, **self.env, **(env or {})}, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),

@@ -2,6 +2,8 @@
 so serving them costs nothing on the request path.
 
     GET http://<metrics address>/metrics      coordctl node run --metrics-address 127.0.0.1:9464
+    GET http://<metrics address>/healthz      200 while the process answers
+    GET http://<metrics address>/readyz       200 / 503 + JSON: leader, WAL writable, disk space, apply lag
 
 What is exported now (names follow Prometheus conventions: base units, `_total` for counters, no
 task ids as labels):
@@ -12,7 +14,7 @@ task ids as labels):
 
 Not built yet (issue 7 continues): histograms of task, dispatch and executor latency, gRPC
 request counts and latencies by method and code, WAL fsync and snapshot durations, LLM tokens
-and cost, traces, structured logs, /healthz and /readyz, alert rules, dashboards, `coordctl top`.
+and cost, traces, alert rules, dashboards, `coordctl top`.
 """
 
 from __future__ import annotations
@@ -73,3 +75,65 @@ def node_registry(node_id: str, snapshot: Callable[[], dict[str, Any]]) -> Colle
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node_id, snapshot))
     return registry
+
+
+# ------------------------------------------------------------------------------ HTTP: metrics and health
+DISK_FREE_BYTES_MIN = 256 << 20       # below this a node reports not ready (the WAL may not grow)
+APPLY_LAG_ENTRIES_MAX = 1000          # more committed-but-unapplied entries than this: not ready
+
+
+def readiness(snapshot: dict[str, Any], data_dir: str) -> tuple[bool, dict[str, Any]]:
+    """Ready = has a leader, the WAL's directory is writable, the disk has room, and the applied
+    index is close to the commit index. Each check is reported with what it saw."""
+    import os
+    import shutil
+
+    try:
+        free = shutil.disk_usage(data_dir).free
+    except OSError:
+        free = 0
+    lag = max(0, snapshot["commit_index"] - snapshot["applied_index"])
+    checks = {
+        "leader": {"ok": bool(snapshot.get("leader")), "leader": snapshot.get("leader", "")},
+        "wal": {"ok": os.access(data_dir, os.W_OK), "data_dir": data_dir},
+        "disk": {"ok": free >= DISK_FREE_BYTES_MIN, "free_bytes": free, "min_bytes": DISK_FREE_BYTES_MIN},
+        "apply": {"ok": lag <= APPLY_LAG_ENTRIES_MAX, "lag_entries": lag, "max_entries": APPLY_LAG_ENTRIES_MAX},
+    }
+    return all(c["ok"] for c in checks.values()), checks
+
+
+def serve_http(address: str, registry: CollectorRegistry, snapshot: Callable[[], dict[str, Any]],
+               data_dir: str) -> Any:
+    """/metrics (Prometheus text), /healthz (the process answers), /readyz (200 or 503 with the
+    per-check details as JSON), on a daemon thread. Returns the server (call shutdown())."""
+    import json
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client import make_wsgi_app
+    from prometheus_client.exposition import ThreadingWSGIServer
+
+    metrics_app = make_wsgi_app(registry)
+
+    def app(environ: dict, start_response: Callable) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/healthz", "/readyz"):
+            if path == "/healthz":
+                ok, body = True, {"status": "alive"}
+            else:
+                ok, checks = readiness(snapshot(), data_dir)
+                body = {"status": "ready" if ok else "not ready", "checks": checks}
+            data = json.dumps(body).encode()
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+            return [data]
+        return metrics_app(environ, start_response)
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — scrapes are not news
+            pass
+
+    host, _, port = address.rpartition(":")
+    server = make_server(host or "127.0.0.1", int(port), app, ThreadingWSGIServer, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -226,6 +226,7 @@ class Node:
             for record in self.fsm.executors.values():
                 executor_statuses[record.status] = executor_statuses.get(record.status, 0) + 1
             return {
+                "leader": status.leader_raft_address,
                 "role": status.role, "term": status.term, "commit_index": status.commit_index,
                 "applied_index": status.applied_index, "task_statuses": dict(self.fsm.status_counts),
                 "executor_statuses": executor_statuses, "audit_records": len(self.fsm.audit),
@@ -234,15 +235,12 @@ class Node:
             }
 
     def _start_metrics(self) -> None:
-        from prometheus_client import start_http_server
+        from cluster.metrics import node_registry, serve_http
 
-        from cluster.metrics import node_registry
-
-        host, _, port = self.config.metrics_address.rpartition(":")
         try:
-            self.metrics_server, _thread = start_http_server(int(port), addr=host or "127.0.0.1",
-                                                             registry=node_registry(self.config.node_id,
-                                                                                    self.metrics_snapshot))
+            self.metrics_server = serve_http(self.config.metrics_address,
+                                             node_registry(self.config.node_id, self.metrics_snapshot),
+                                             self.metrics_snapshot, self.config.data_dir)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--metrics-address: cannot serve on {self.config.metrics_address!r} ({exc})") from None
 

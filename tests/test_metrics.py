@@ -48,3 +48,67 @@ def test_every_node_serves_metrics_that_agree_with_the_api(cluster3) -> None:
         assert samples[("raft_apply_lag_entries", (("node", node.id),))] >= 0
         leaders += int(samples[("raft_is_leader", (("node", node.id),))])
     assert leaders == 1
+
+
+def test_healthz_and_readyz_answer_with_details(cluster3) -> None:
+    import json
+    import urllib.error
+
+    node = cluster3.nodes[0]
+    with urllib.request.urlopen(f"http://{node.metrics_address}/healthz", timeout=5) as reply:
+        assert reply.status == 200 and json.loads(reply.read())["status"] == "alive"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://{node.metrics_address}/readyz", timeout=5) as reply:
+                body = json.loads(reply.read())
+                break
+        except urllib.error.HTTPError as exc:   # 503 until the node knows a leader
+            body = json.loads(exc.read())
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never ready: {body}") from None
+            time.sleep(0.2)
+    assert body["status"] == "ready"
+    assert set(body["checks"]) == {"leader", "wal", "disk", "apply"} and all(c["ok"] for c in body["checks"].values())
+
+
+def test_node_logs_are_json_lines(make_cluster) -> None:
+    import json
+    import os
+
+    cluster = make_cluster(3, extra_args=["--log-format", "json"], subdir="jsonlogs")
+    with cluster.client() as client:
+        client.submit_task(pb.TaskSpec(type="echo"))
+    cluster.down()
+    for node in cluster.nodes:
+        with open(os.path.join(node.data_dir, "node.log"), encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f.read().splitlines() if line.strip()]
+        assert lines, node.id
+        records = [json.loads(line) for line in lines]   # every line is one JSON object
+        assert all({"ts", "level", "node", "component", "message"} <= set(r) for r in records)
+        assert {r["node"] for r in records} == {node.id}
+
+
+def test_a_planted_secret_never_reaches_a_log_line_in_either_format(capsys) -> None:
+    import json
+    import logging
+
+    from cluster.logs import configure_logging
+
+    planted = "sk-planted-0123456789abcdef"
+    token = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJlLXBhcnQ"
+    log = logging.getLogger("coordinator.test")
+    for log_format in ("json", "text"):
+        configure_logging("INFO", log_format, node="n9")
+        log.warning("calling with api_key=%s and Bearer %s", planted, token, extra={"task_id": "t-1"})
+        try:
+            raise RuntimeError(f"upstream said no to {planted}")
+        except RuntimeError:
+            log.exception("adapter failed")
+        err = capsys.readouterr().err
+        assert planted not in err and token not in err and "***" in err
+        if log_format == "json":
+            first, second = (json.loads(line) for line in err.splitlines() if line.startswith("{"))
+            assert first["task_id"] == "t-1" and first["node"] == "n9" and first["level"] == "WARNING"
+            assert second["exc"].startswith("Traceback") and "RuntimeError" in second["exc"]
+    logging.getLogger().handlers.clear()
