@@ -11,10 +11,11 @@ task ids as labels):
     raft_is_leader, raft_term, raft_commit_index, raft_applied_index, raft_apply_lag_entries
     task_queue_depth{status}, executors{status}, audit_records, secrets
     proposer_commands_in_flight, grpc_access_denied_total
+    grpc_server_handled_total{method, code}, grpc_server_handling_seconds{method} (histogram)
 
-Not built yet (issue 7 continues): histograms of task, dispatch and executor latency, gRPC
-request counts and latencies by method and code, WAL fsync and snapshot durations, LLM tokens
-and cost, traces, alert rules, dashboards, `coordctl top`.
+Not built yet (issue 7 continues): histograms of task, dispatch and executor latency, counters of
+tasks by type and final status, elections, WAL fsync and snapshot durations, LLM tokens and cost,
+traces, alert rules, dashboards, `coordctl top`.
 """
 
 from __future__ import annotations
@@ -137,3 +138,95 @@ def serve_http(address: str, registry: CollectorRegistry, snapshot: Callable[[],
     server = make_server(host or "127.0.0.1", int(port), app, ThreadingWSGIServer, handler_class=Quiet)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+# ------------------------------------------------------------------------------ gRPC calls
+class GrpcMetricsInterceptor:
+    """Counts and times every call by method and status code (bounded labels: the service's
+    methods and gRPC's codes). Outermost, so refusals by authentication and RBAC count too."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.handled = Counter("grpc_server_handled", "gRPC calls finished, by method and status code",
+                               ["method", "code"], registry=registry)
+        self.seconds = Histogram("grpc_server_handling_seconds", "gRPC call duration (streams: until they end)",
+                                 ["method"], registry=registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60))
+        self._wrapped: dict[str, Any] = {}
+
+    def as_grpc(self) -> Any:
+        import grpc
+
+        outer = self
+
+        class _Interceptor(grpc.aio.ServerInterceptor):
+            async def intercept_service(self, continuation, handler_call_details):
+                method = handler_call_details.method
+                cached = outer._wrapped.get(method)
+                if cached is not None:
+                    return cached
+                handler = await continuation(handler_call_details)
+                if handler is None:
+                    return None
+                wrapped = outer._wrap(method.rsplit("/", 1)[-1], handler)
+                outer._wrapped[method] = wrapped
+                return wrapped
+
+        return _Interceptor()
+
+    def _finish(self, method: str, context: Any, started: float, failed: bool) -> None:
+        import time
+
+        code = context.code()
+        name = code.name if code is not None else ("UNKNOWN" if failed else "OK")
+        self.handled.labels(method, name).inc()
+        self.seconds.labels(method).observe(time.perf_counter() - started)
+
+    def _wrap(self, method: str, handler: Any) -> Any:
+        import time
+
+        import grpc
+
+        finish = self._finish
+        req, res = handler.request_deserializer, handler.response_serializer
+        if handler.unary_unary is not None:
+            behavior = handler.unary_unary
+
+            async def unary_unary(request, context):
+                started, failed = time.perf_counter(), True
+                try:
+                    response = await behavior(request, context)
+                    failed = False
+                    return response
+                finally:
+                    finish(method, context, started, failed)
+
+            return grpc.unary_unary_rpc_method_handler(unary_unary, req, res)
+        if handler.unary_stream is not None or handler.stream_stream is not None:
+            streaming = handler.unary_stream or handler.stream_stream
+
+            async def stream(request, context):
+                started, failed = time.perf_counter(), True
+                try:
+                    async for response in streaming(request, context):
+                        yield response
+                    failed = False
+                finally:
+                    finish(method, context, started, failed)
+
+            make = (grpc.unary_stream_rpc_method_handler if handler.unary_stream is not None
+                    else grpc.stream_stream_rpc_method_handler)
+            return make(stream, req, res)
+        behavior = handler.stream_unary
+
+        async def stream_unary(requests, context):
+            started, failed = time.perf_counter(), True
+            try:
+                response = await behavior(requests, context)
+                failed = False
+                return response
+            finally:
+                finish(method, context, started, failed)
+
+        return grpc.stream_unary_rpc_method_handler(stream_unary, req, res)

@@ -123,6 +123,7 @@ class Node:
         self.token_issuer: Callable[[], TokenIssuer] | None = None
         self.interceptor: AuthInterceptor | None = None
         self.metrics_server: Any = None
+        self.metrics_registry: Any = None
 
     def _paths(self) -> tuple[str, str]:
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -181,7 +182,13 @@ class Node:
             is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
             settings=config.dispatch, relay_credentials=relay_credentials,
         )
-        # Outermost first: authentication and RBAC, then the guard against undecodable bodies.
+        # Outermost first: call metrics, authentication and RBAC, then the guard against
+        # undecodable bodies.
+        if config.metrics_address:
+            from cluster.metrics import GrpcMetricsInterceptor, node_registry
+
+            self.metrics_registry = node_registry(me.id, self.metrics_snapshot)
+            interceptors.insert(0, GrpcMetricsInterceptor(self.metrics_registry).as_grpc())
         self.server = grpc.aio.server(interceptors=[*interceptors, RequestGuard()], options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -235,11 +242,10 @@ class Node:
             }
 
     def _start_metrics(self) -> None:
-        from cluster.metrics import node_registry, serve_http
+        from cluster.metrics import serve_http
 
         try:
-            self.metrics_server = serve_http(self.config.metrics_address,
-                                             node_registry(self.config.node_id, self.metrics_snapshot),
+            self.metrics_server = serve_http(self.config.metrics_address, self.metrics_registry,
                                              self.metrics_snapshot, self.config.data_dir)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--metrics-address: cannot serve on {self.config.metrics_address!r} ({exc})") from None

@@ -32,7 +32,7 @@ def test_every_node_serves_metrics_that_agree_with_the_api(cluster3) -> None:
                                                               consistency=pb.CONSISTENCY_LINEARIZABLE))
     assert {t.id for t in listed.tasks} >= set(ids)
     cluster3.wait_converged()
-    leaders = 0
+    leaders, submits_ok = 0, 0.0
     for node in cluster3.nodes:
         assert node.metrics_address
         deadline = time.monotonic() + 20
@@ -47,7 +47,11 @@ def test_every_node_serves_metrics_that_agree_with_the_api(cluster3) -> None:
         assert samples[("raft_applied_index", (("node", node.id),))] >= 1
         assert samples[("raft_apply_lag_entries", (("node", node.id),))] >= 0
         leaders += int(samples[("raft_is_leader", (("node", node.id),))])
+        submits_ok += samples.get(("grpc_server_handled_total", (("code", "OK"), ("method", "SubmitTask"))), 0)
+        count = samples.get(("grpc_server_handling_seconds_count", (("method", "ClusterStatus"),)), 0)
+        assert count >= 1   # the status polls of wait_converged reached every node
     assert leaders == 1
+    assert submits_ok == 5
 
 
 def test_healthz_and_readyz_answer_with_details(cluster3) -> None:
