@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import time
 from datetime import datetime, timezone
 from enum import Enum
 from typing import Any
@@ -260,6 +261,41 @@ def cluster_status(endpoints: str = EndpointsOpt, data_dir: str = DataDirOpt, ou
             "[green]ok[/green]" if row.get("healthy") else "[red]down[/red]",
         )
     console.print(table)
+
+
+@app.command("top")
+def top(
+    interval_s: float = typer.Option(1.0, "--interval-s", help="refresh period (0.2..60)"),
+    once: bool = typer.Option(False, "--once", help="print one frame and exit"),
+    iterations: int = typer.Option(0, "--iterations", help="stop after this many frames (0 = until Ctrl-C)"),
+    endpoints: str = EndpointsOpt,
+    data_dir: str = DataDirOpt,
+) -> None:
+    """A live view of the cluster: nodes and roles, applied entries/s, tasks by status and
+    completions/s, executors with load and heartbeat, recent failures. Works against any node."""
+    from rich.live import Live
+
+    from cluster.top import TopState, frame
+
+    if not 0.2 <= interval_s <= 60:
+        fail(f"--interval-s: between 0.2 and 60, got {interval_s}")
+    if iterations < 0:
+        fail(f"--iterations: >= 0, got {iterations}")
+    state = TopState()
+    with client_for(endpoints, data_dir) as client:
+        if once:
+            console.print(frame(client, state))
+            return
+        shown = 0
+        try:
+            with Live(frame(client, state), console=console, refresh_per_second=4, screen=False) as live:
+                shown = 1
+                while not iterations or shown < iterations:
+                    time.sleep(interval_s)
+                    live.update(frame(client, state))
+                    shown += 1
+        except KeyboardInterrupt:
+            pass
 
 
 # ---------------------------------------------------------------------------------- node

@@ -116,3 +116,32 @@ def test_a_planted_secret_never_reaches_a_log_line_in_either_format(capsys) -> N
             assert first["task_id"] == "t-1" and first["node"] == "n9" and first["level"] == "WARNING"
             assert second["exc"].startswith("Traceback") and "RuntimeError" in second["exc"]
     logging.getLogger().handlers.clear()
+
+
+def test_coordctl_top_renders_the_real_clusters_numbers(cluster3) -> None:
+    from rich.console import Console
+
+    from cluster.top import TopState, frame
+
+    with cluster3.client() as client:
+        for _ in range(3):
+            client.submit_task(pb.TaskSpec(type="nobody-runs-this"))
+        pending = client.call("ListTasks", pb.ListTasksRequest(status=["pending"], limit=1,
+                                                               consistency=pb.CONSISTENCY_LINEARIZABLE)).total_matching
+        leader = cluster3.wait_leader()
+        console = Console(record=True, width=200)
+        state = TopState()
+        console.print(frame(client, state))
+        console.print(frame(client, state))          # a second frame has rates
+        text = console.export_text()
+    assert "nodes" in text and "tasks by status" in text and "completed/s" in text
+    for node in cluster3.nodes:
+        assert node.id in text and node.grpc_address in text
+    leader_rows = [line for line in text.splitlines() if " leader " in f" {line} " and leader in line]
+    assert leader_rows, text
+    lines = text.splitlines()
+    header_at = next(i for i, line in enumerate(lines) if "pending" in line and "dead_letter" in line)
+    header = [cell.strip() for cell in lines[header_at].replace("┃", "│").split("│") if cell.strip()]
+    row = next(line for line in lines[header_at + 1:] if any(ch.isdigit() for ch in line))
+    values = [cell.strip() for cell in row.split("│") if cell.strip()]
+    assert dict(zip(header, values, strict=True))["pending"] == f"{pending:,}"
