@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -33,10 +34,56 @@ class ClusterError(Exception):
     pass
 
 
+# Ports for local clusters come from below the kernel's ephemeral range: a port the kernel hands
+# out for port 0 is free only until some outgoing connection takes the same number, and a node
+# restarted later (chaos tests) then fails to bind it (seen in CI: "Failed to bind to address").
+LISTEN_PORT_RANGE = (20_000, 32_000)
+FREE_PORT_TRIES_MAX = 200
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(x) for x in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32_768, 60_999
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free now on 127.0.0.1, outside the ephemeral range (so no outgoing
+    connection takes one later); kernel-chosen ones if the range has none left. All stay bound
+    until all are found, so none is handed out twice."""
+    low, high = LISTEN_PORT_RANGE
+    ephemeral_low, ephemeral_high = _ephemeral_range()
+    rng = random.Random()
+    held: list[socket.socket] = []
+    try:
+        for _ in range(count * FREE_PORT_TRIES_MAX):
+            if len(held) == count:
+                break
+            port = rng.randint(low, high)
+            if ephemeral_low <= port <= ephemeral_high:
+                continue
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            held.append(sock)
+        while len(held) < count:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.bind(("127.0.0.1", 0))
+            held.append(sock)
+        return [sock.getsockname()[1] for sock in held]
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def pid_alive(pid: int) -> bool:
@@ -167,9 +214,10 @@ class LocalCluster:
                     "use that count or a fresh --data-dir"
                 )
             return
+        ports = iter(free_ports(3 * nodes))
         self.nodes = [
-            LocalNode(f"n{i}", f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}",
-                      os.path.join(self.data_dir, f"n{i}"), metrics_address=f"127.0.0.1:{free_port()}")
+            LocalNode(f"n{i}", f"127.0.0.1:{next(ports)}", f"127.0.0.1:{next(ports)}",
+                      os.path.join(self.data_dir, f"n{i}"), metrics_address=f"127.0.0.1:{next(ports)}")
             for i in range(1, nodes + 1)
         ]
         self._save()
