@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 
+from cluster.interceptors import WrappingInterceptor
 from coordinator.commands import CommandType, audit_decisions, audit_head, encode_command
 from coordinator.fsm import audit_resource
 from security.audit import AuditSigner
@@ -237,15 +238,15 @@ def _subject_roles(auth: dict[str, list[bytes]]) -> tuple[str, str]:
     return cn, ou
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(WrappingInterceptor):
     def __init__(self, *, policy: Policy, verifier: TokenVerifier, limiter: RateLimiter, decisions: DecisionLog,
                  clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
         self.policy = policy
         self.verifier = verifier
         self.limiter = limiter
         self.decisions = decisions
         self._clock = clock
-        self._wrapped: dict[str, Any] = {}
         self._all_permissions = frozenset(PERMISSIONS)
         self.denied_total = 0
         for rule in METHOD_RULES.values():
@@ -253,18 +254,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 for permission in rule:
                     if permission is not None and permission not in PERMISSIONS:
                         raise ValueError(f"METHOD_RULES: unknown permission {permission!r}")
-
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
-        return wrapped
 
     # -- decision ------------------------------------------------------------------------
     def authorize(self, full_method: str, context: grpc.aio.ServicerContext) -> Access:
@@ -356,7 +345,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         expires = access.principal.expires_unix_s
         return bool(expires) and self._clock() >= expires
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         authorize = self.authorize
         deny = self._deny
         expired = self._expired

@@ -153,25 +153,15 @@ class GrpcMetricsInterceptor:
         self.seconds = Histogram("grpc_server_handling_seconds", "gRPC call duration (streams: until they end)",
                                  ["method"], registry=registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60))
-        self._wrapped: dict[str, Any] = {}
 
     def as_grpc(self) -> Any:
-        import grpc
+        from cluster.interceptors import WrappingInterceptor
 
         outer = self
 
-        class _Interceptor(grpc.aio.ServerInterceptor):
-            async def intercept_service(self, continuation, handler_call_details):
-                method = handler_call_details.method
-                cached = outer._wrapped.get(method)
-                if cached is not None:
-                    return cached
-                handler = await continuation(handler_call_details)
-                if handler is None:
-                    return None
-                wrapped = outer._wrap(method.rsplit("/", 1)[-1], handler)
-                outer._wrapped[method] = wrapped
-                return wrapped
+        class _Interceptor(WrappingInterceptor):
+            def wrap(self, method: str, handler: Any) -> Any:
+                return outer._wrap(method.rsplit("/", 1)[-1], handler)
 
         return _Interceptor()
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import grpc
 
+from cluster.interceptors import WrappingInterceptor
+
 
 class Malformed:
     __slots__ = ("message",)
@@ -41,24 +43,11 @@ async def _checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerConte
         yield request
 
 
-class RequestGuard(grpc.aio.ServerInterceptor):
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Any] = {}
+class RequestGuard(WrappingInterceptor):
+    def wraps(self, handler: grpc.RpcMethodHandler) -> bool:
+        return handler.request_deserializer is not None
 
-    async def intercept_service(self, continuation, handler_call_details):
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None or handler.request_deserializer is None:
-            return handler
-        wrapped = self._wrap(method, handler)
-        self._wrapped[method] = wrapped
-        return wrapped
-
-    @staticmethod
-    def _wrap(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         deserialize = _guarded(handler.request_deserializer, method)
         serialize = handler.response_serializer
         if handler.unary_unary is not None:
