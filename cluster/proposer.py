@@ -86,9 +86,11 @@ class Proposer:
         self._retry_handle: asyncio.TimerHandle | None = None
 
     async def propose(self, command: dict[str, Any], timeout_s: float | None = None) -> ApplyResult:
-        encoded = self._encode(command)  # once: the entry is joined from these bytes
-        size = len(encoded)
         limits = self.limits
+        # The command count is checked before encoding: with security on, encoding signs the
+        # command's audit record, work a refused command should not cost a busy node.
+        encoded = b"" if self.commands_in_flight >= limits.commands_in_flight_max else self._encode(command)
+        size = len(encoded)
         if self.commands_in_flight >= limits.commands_in_flight_max or self.bytes_in_flight + size > limits.bytes_in_flight_max:
             raise Overloaded(
                 f"node busy: {self.commands_in_flight} commands / {self.bytes_in_flight} bytes in flight "
