@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from cluster import tracing
 from cluster.credentials import ClientCredentials
 from proto import coordinator_pb2 as pb
 from proto import coordinator_pb2_grpc as pb_grpc
@@ -97,11 +98,15 @@ class CoordinatorClient:
         if method in ("SubmitTask", "SubmitDag") and not request.idempotency_key:
             retry = False  # a retried submit without a key could create a duplicate
         attempts = self.attempts_max if retry else 1
+        metadata = self.credentials.metadata()
+        traceparent = tracing.traceparent_of()
+        if traceparent:  # the caller's span (coordctl --trace-file, or a traced program) continues on the node
+            metadata = (*(metadata or ()), (tracing.TRACEPARENT, traceparent))
         for attempt in range(attempts):
             endpoint = self.endpoints[(self._preferred + attempt) % len(self.endpoints)]
             try:
                 response = getattr(self._stub(endpoint), method)(request, timeout=timeout_s or self.timeout_s,
-                                                                 metadata=self.credentials.metadata())
+                                                                 metadata=metadata)
                 self._preferred = self.endpoints.index(endpoint)
                 return response
             except grpc.RpcError as exc:

@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 
+from cluster import tracing
 from cluster.credentials import ClientCredentials
 from cluster.proposer import ProposeError, Proposer
 from cluster.service import executor_input_from_pb
@@ -132,6 +133,9 @@ class Dispatcher:
         self._queue = ReadyQueue()
         self._ready_seq = itertools.count()
         self._delayed: list[tuple[int, str]] = []  # (not_before_ms, task_id): retry backoff
+        # Leader, traced tasks only: when each became assignable (the start of its `schedule`
+        # span). At most one entry per ready task; dropped when it is assigned or ends.
+        self._ready_ms: dict[str, int] = {}
         self._was_leader = False
         # Set by the event pump after each batch: the scheduler must run after the pump has
         # mirrored new ready tasks, not merely after an entry was applied (it raced the pump
@@ -243,7 +247,7 @@ class Dispatcher:
         connection.push(pb.DispatchMessage(assignment=pb.Assignment(
             task_id=record.id, attempt=record.attempt, type=record.type, input_json=record.input_json,
             metadata=record.metadata or {}, deadline_unix_ms=record.deadline_ms,
-            lease_expires_unix_ms=record.lease_expires_ms)))
+            lease_expires_unix_ms=record.lease_expires_ms, trace_parent=record.trace_parent)))
 
     async def _read_reports(self, requests: AsyncIterator[pb.ExecutorMessage], connection: _Connection) -> None:
         in_flight = asyncio.Semaphore(self.settings.reports_in_flight_max)
@@ -328,13 +332,19 @@ class Dispatcher:
             command = cmd.fail_task(stamp, report.task_id, report.attempt, executor_id,
                                     report.error[: self.settings.error_chars_max], report.retryable,
                                     self._backoff_ms(report.attempt), report.implies_started)
+        record = self._fsm.tasks.get(report.task_id)
+        span = tracing.child_span(f"report.{kind}", record.trace_parent if record is not None else "",
+                                  attributes={"task.id": report.task_id, "task.attempt": report.attempt,
+                                              "executor.id": executor_id, "node.id": self.node_id})
         try:
             result = await self._proposer.propose(command)
             accepted, error = result.ok, result.message
         except ProposeError as exc:
             # Outcome unknown: no ack, so the agent re-sends the report (idempotent under fencing).
             log.info("report %s %s/%s not committed: %s", kind, report.task_id, report.attempt, exc)
+            tracing.end_propose_span(span, None, str(exc))
             return
+        tracing.end_propose_span(span, result, "" if accepted else f"not accepted: {error}")
         connection.push(pb.DispatchMessage(ack=pb.ReportAck(task_id=report.task_id, attempt=report.attempt,
                                                             accepted=accepted, error=error)))
 
@@ -431,9 +441,11 @@ class Dispatcher:
         if kind == "TaskReady":
             if mirror:
                 self._mirror_add(task_id)
+                self._note_ready(task_id, event[5])
         elif kind == "TaskAssigned":
             if mirror:
                 self._queue.discard(task_id)
+                self._trace_assigned(task_id, executor_id, event)
             connection = self.connections.get(executor_id)
             if connection is not None:
                 self._push_assignment(connection, self._fsm.tasks[task_id])
@@ -448,6 +460,8 @@ class Dispatcher:
         elif kind == "TaskFailed":
             if mirror:
                 self._queue.discard(task_id)
+        if kind in ("TaskCancelled", "TaskFailed"):
+            self._ready_ms.pop(task_id, None)
         elif kind in ("ExecutorLost", "ExecutorUnregistered"):
             self._leader_seen.pop(executor_id, None)
         if kind in ("TaskCompleted", "TaskFailed", "TaskCancelled", "TaskRequeued") and executor_id:
@@ -455,10 +469,36 @@ class Dispatcher:
             if connection is not None:
                 connection.pushed.pop(task_id, None)
 
+    # ------------------------------------------------------------------ traces (leader)
+    def _note_ready(self, task_id: str, time_ms: int) -> None:
+        if not tracing.enabled():
+            return
+        record = self._fsm.tasks.get(task_id)
+        if record is not None and record.trace_parent:
+            # A retry becomes assignable when its backoff ends, not when it was re-queued.
+            self._ready_ms[task_id] = max(time_ms, record.not_before_ms)
+
+    def _trace_assigned(self, task_id: str, executor_id: str, event: tuple) -> None:
+        """`schedule`: from assignable to assigned, as the leader saw it — the span that shows a
+        task waiting for an executor. A new leader that did not see the task become ready starts
+        it at creation."""
+        ready_ms = self._ready_ms.pop(task_id, None)
+        record = self._fsm.tasks.get(task_id)
+        if record is None or not record.trace_parent:
+            return
+        start_ms = ready_ms if ready_ms is not None else record.created_at_ms
+        span = tracing.child_span("schedule", record.trace_parent, start_time_ns=tracing.ms_to_ns(start_ms),
+                                  attributes={"task.id": task_id, "task.type": record.type,
+                                              "task.attempt": record.attempt, "executor.id": executor_id,
+                                              "node.id": self.node_id, "raft.index": event[0]})
+        if span is not None:
+            span.end()
+
     # ------------------------------------------------------------------ scheduler (leader)
     def _rebuild_mirror(self) -> None:
         self._queue = ReadyQueue()
         self._delayed = []
+        self._ready_ms = {}
         for task_id in self._fsm.ready:
             self._mirror_add(task_id)
 

@@ -1,6 +1,6 @@
 """Structured logs (issue 7): one JSON object per line on stderr — time, level, node, component
 (the logger's name), message, correlation ids a call site passes as `extra` (task_id,
-executor_id, trace_id) and the traceback, if any — or `--log-format text` for humans. Anything
+executor_id, trace_id — the current span's when it is sampled) and the traceback, if any — or `--log-format text` for humans. Anything
 that looks like a token or key is masked before either format sees it (security/secrets.py)."""
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ import datetime
 import json
 import logging
 import sys
+
+from opentelemetry import trace
 
 from security.secrets import MaskingFilter, mask
 
@@ -34,6 +36,11 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value:
                 data[name] = value
+        if "trace_id" not in data:
+            # Logged inside a sampled span (a traced call, an attempt): the line joins its trace.
+            context = trace.get_current_span().get_span_context()
+            if context.is_valid and context.trace_flags.sampled:
+                data["trace_id"] = f"{context.trace_id:032x}"
         if record.exc_info:
             data["exc"] = mask(self.formatException(record.exc_info))
         return json.dumps(data, ensure_ascii=False)

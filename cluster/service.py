@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from cluster import tracing
 from cluster.auth import DecisionLog, current_access
 from cluster.proposer import ProposeError, Proposer
 from coordinator import commands as cmd
@@ -87,6 +88,7 @@ def task_to_pb(record: TaskRecord) -> pb.Task:
         error=record.error, not_before_unix_ms=record.not_before_ms, dag_id=record.dag_id,
         checkpoint_sequence=record.checkpoint_sequence, progress=record.progress,
         progress_message=record.progress_message, progress_unix_ms=record.progress_ms,
+        trace_parent=record.trace_parent,
         attempts=[pb.AttemptRecord(attempt=h[0], executor_id=h[1], outcome=h[2], error=h[3], ended_unix_ms=h[5])
                   for h in record.history],
     )
@@ -196,10 +198,13 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def _propose(self, command: dict[str, Any], context: grpc.aio.ServicerContext) -> Any:
         remaining = context.time_remaining()
+        span = tracing.propose_span(command)
         try:
             result = await self._proposer.propose(command, remaining)
         except ProposeError as exc:
+            tracing.end_propose_span(span, None, str(exc))
             await self._abort(context, exc.code, str(exc))
+        tracing.end_propose_span(span, result, "" if result.ok else result.message)
         if not result.ok:
             await self._abort(context, result.code, result.message)
         return result.value
@@ -270,7 +275,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except CoordinatorError as exc:
             await self._abort(context, exc.code, exc.message)
         dag_id = "" if single else "d-" + os.urandom(8).hex()
-        return await self._propose(cmd.submit_tasks(stamp, rows, idempotency_key, dag_id), context)
+        return await self._propose(cmd.submit_tasks(stamp, rows, idempotency_key, dag_id,
+                                                     trace_parent=tracing.traceparent_of()), context)
 
     async def GetTask(self, request: pb.GetTaskRequest, context) -> pb.Task:  # noqa: N802
         await self._ids(context, task_id=request.task_id)
@@ -426,7 +432,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except CoordinatorError as exc:
             await self._abort(context, exc.code, exc.message)
         parent = (request.parent_task_id, request.parent_attempt, request.executor_id)
-        value = await self._propose(cmd.submit_tasks(stamp, rows, key, "", parent), context)
+        value = await self._propose(cmd.submit_tasks(stamp, rows, key, "", parent,
+                                                     trace_parent=tracing.traceparent_of()), context)
         return pb.DelegateResponse(task_ids=value["ids"], duplicate=value["duplicate"])
 
     # -- checkpoints -----------------------------------------------------------------------

@@ -115,13 +115,16 @@ def noop() -> dict[str, Any]:
 
 
 def submit_tasks(now_ms: int, tasks: list[list[Any]], idempotency_key: str | None, dag_id: str = "",
-                 parent: tuple[str, int, str] | None = None) -> dict[str, Any]:
+                 parent: tuple[str, int, str] | None = None, trace_parent: str = "") -> dict[str, Any]:
     """dag_id (stamped by the proposer for a DAG submission) names the submission as a whole.
     parent = (task_id, attempt, executor_id): subtasks delegated by a running task; fenced like
-    any executor report, and they join the parent's DAG."""
+    any executor report, and they join the parent's DAG. trace_parent: the submitting span's W3C
+    traceparent, stored with every task of the submission ("" = not traced)."""
     command: dict[str, Any] = {"t": CommandType.SUBMIT_TASKS, "now": now_ms, "key": idempotency_key, "tasks": tasks}
     if dag_id:
         command["dag"] = dag_id
+    if trace_parent:
+        command["tp"] = trace_parent
     if parent is not None:
         command["parent"] = list(parent)
     return command

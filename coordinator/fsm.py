@@ -61,7 +61,8 @@ SNAPSHOT_FORMAT = 1
 # 5: ExecutorRecord.resumable; TaskRecord.progress/progress_message/progress_ms (REPORT_PROGRESS).
 # 6: ExecutorRecord.owner; the audit chain (an "audit" snapshot section, header audit_heads /
 #    audit_anchor); ownership checks (PERMISSION_DENIED results); envelope-encrypted secrets.
-FSM_STATE_VERSION = 6
+# 7: TaskRecord.trace_parent (the submitter's W3C traceparent, from SUBMIT_TASKS "tp").
+FSM_STATE_VERSION = 7
 SNAPSHOT_ROWS_PER_CHUNK = 1000
 SNAPSHOT_CHECKPOINT_ROWS_PER_CHUNK = 16  # a record holds up to checkpoint_bytes_max of payload
 
@@ -110,6 +111,9 @@ class TaskRecord(NamedTuple):
     progress: float = 0.0
     progress_message: str = ""
     progress_ms: int = 0
+    # The W3C traceparent of the span that submitted it ("" = not traced): scheduling and
+    # execution spans join that trace on whichever node and executor run them.
+    trace_parent: str = ""
 
     def row(self) -> list[Any]:
         return list(self)
@@ -429,12 +433,14 @@ class CoordinatorFSM:
             if dag_id in self.dag_tasks:
                 return ApplyResult.error("INVALID_ARGUMENT", f"dag_id: {dag_id!r} already exists")
             self.dag_tasks[dag_id] = [spec[0] for spec in specs]
+        trace_parent = command.get("tp", "")
         for spec in specs:
             task_id = spec[0]
             deps = tuple(spec[7])
             record = TaskRecord(
                 task_id, spec[1], spec[2], spec[3], spec[4], spec[5], spec[6], deps, spec[8], spec[9],
                 "pending", None, now_ms, now_ms, index, "", dag_id=dag_id, parent_id=parent_id,
+                trace_parent=trace_parent,
             )
             tasks[task_id] = record
             events.append(self._event(index, "TaskCreated", task_id, "", now_ms, ""))

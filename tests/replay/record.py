@@ -57,7 +57,10 @@ def main() -> None:
                                  {"lane": str(k)} if k else None])
                 key = f"key-{rng.randint(0, 60)}" if rng.random() < 0.5 else None
                 dag_id = f"d-{index}-{len(batch)}" if len(new) > 1 else ""
-                command = cmd.submit_tasks(now, rows, key, dag_id)
+                # version 7: the submitter's traceparent, stored with each task
+                trace_parent = (f"00-{rng.getrandbits(128):032x}-{rng.getrandbits(64):016x}-01"
+                                if rng.random() < 0.5 else "")
+                command = cmd.submit_tasks(now, rows, key, dag_id, trace_parent=trace_parent)
                 result = apply(index, command)
                 if result.ok and not result.value["duplicate"]:
                     ids.extend(new)
