@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 PROTO_SRC := $(wildcard proto/*.proto)
 PROTO_GEN := $(PROTO_SRC:.proto=_pb2.py)
 
-.PHONY: venv proto demo test test-fast test-vllm bench clean
+.PHONY: venv proto tools demo test test-fast test-vllm bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,14 @@ proto: $(PROTO_GEN)
 demo: venv proto
 	$(PY) -m cluster.demo
 
-test: venv proto
+# promtool and prometheus (Debian package `prometheus`) for tests/test_prometheus.py: the rules and
+# the metrics text are checked by promtool, and a real Prometheus scrapes a local cluster. The tests
+# start their own server on a free loopback port; a daemon the package may start (systemd hosts) is
+# not used. No recommends: prometheus-node-exporter would be a second daemon.
+tools:
+	command -v promtool >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends prometheus)
+
+test: venv proto tools
 	$(PY) -m pytest -q tests -m "not vllm"  # the real-vLLM module is opt-in: make test-vllm
 
 test-fast: venv proto
