@@ -68,10 +68,13 @@ class _Pending:
 
 class Proposer:
     def __init__(self, raft: RaftLog, loop: asyncio.AbstractEventLoop, limits: ProposerLimits | None = None,
-                 encode: Callable[[dict[str, Any]], bytes] = encode_command) -> None:
+                 encode: Callable[[dict[str, Any]], bytes] = encode_command,
+                 on_batch_commands: Callable[[int], None] | None = None) -> None:
         # `encode` turns a command into its bytes; with security on it is the AuditStamper, which
         # stamps who is calling and signs the command's audit record first (cluster/auth.py).
+        # `on_batch_commands` (metrics) is told how many commands each proposed entry carries.
         self._encode = encode
+        self._on_batch_commands = on_batch_commands
         self._raft = raft
         self._loop = loop
         self.limits = limits or ProposerLimits()
@@ -149,6 +152,8 @@ class Proposer:
             payload = join_entry([item.encoded for item in batch])
             self.entries_proposed += 1
             self.commands_proposed += len(batch)
+            if self._on_batch_commands is not None:
+                self._on_batch_commands(len(batch))
             self._raft.apply_entry(payload, callback=self._callback_for(entry_id))
 
     def _callback_for(self, entry_id: int):

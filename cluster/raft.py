@@ -57,8 +57,10 @@ class SnapshotSerializer:
     from a frozen FSM view so a big snapshot never stalls heartbeats.
     """
 
-    def __init__(self, path: str, fsm: CoordinatorFSM, fsm_lock: threading.RLock, transmission_bytes: int) -> None:
+    def __init__(self, path: str, fsm: CoordinatorFSM, fsm_lock: threading.RLock, transmission_bytes: int,
+                 on_written_seconds: Callable[[float], None] | None = None) -> None:
         self._path = path
+        self._on_written_seconds = on_written_seconds  # metrics: each written snapshot's duration
         self._fsm = fsm
         self._fsm_lock = fsm_lock
         self._transmission_bytes = transmission_bytes
@@ -112,16 +114,20 @@ class SnapshotSerializer:
             yield from entries
             yield from CoordinatorFSM.snapshot_chunks(view)
 
+        written = False
         try:
             size = write_snapshot(self._path, header, records())
             self.last_snapshot_bytes = size
             self.snapshots_written += 1
+            written = True
             self._outcome = SERIALIZER_STATE.SUCCESS
         except Exception:
             log.exception("snapshot write failed; next attempt in %.0f s", SNAPSHOT_RETRY_AFTER_FAILURE_S)
             self._retry_not_before = time.monotonic() + SNAPSHOT_RETRY_AFTER_FAILURE_S
             self._outcome = SERIALIZER_STATE.FAILED
         self.last_snapshot_seconds = time.monotonic() - started
+        if written and self._on_written_seconds is not None:
+            self._on_written_seconds(self.last_snapshot_seconds)
 
     # -- loading ------------------------------------------------------------------------
     def preload(self) -> None:
@@ -222,6 +228,7 @@ class RaftLog(SyncObj):
         transport_class: type,
         conf_kwargs: dict[str, Any],
         on_applied: Callable[[int], None] | None = None,
+        on_snapshot_seconds: Callable[[float], None] | None = None,
     ) -> None:
         self._fsm = fsm
         self._fsm_lock = fsm_lock
@@ -238,7 +245,8 @@ class RaftLog(SyncObj):
         # The two reaches into pysyncobj's private state (pinned to 0.3.17): our tick loop drives
         # the transport's outbox, and our serializer replaces its Serializer object.
         self._transport = self._SyncObj__transport
-        self.serializer = SnapshotSerializer(snapshot_path, fsm, fsm_lock, conf.logCompactionBatchSize)
+        self.serializer = SnapshotSerializer(snapshot_path, fsm, fsm_lock, conf.logCompactionBatchSize,
+                                             on_written_seconds=on_snapshot_seconds)
         self.serializer.preload()
         self._SyncObj__serializer = self.serializer
         self._stopping = threading.Event()

@@ -75,11 +75,13 @@ class LmdbJournal:
         map_size_bytes: int = MAP_SIZE_BYTES_DEFAULT,
         map_size_bytes_max: int = MAP_SIZE_BYTES_MAX_DEFAULT,
         before_prefix_delete: Callable[[], None] | None = None,
+        on_fsync_seconds: Callable[[float], None] | None = None,
     ) -> None:
         invariant(0 < map_size_bytes <= map_size_bytes_max, "need 0 < map_size_bytes <= map_size_bytes_max")
         self.path = path
         self._map_size_bytes_max = map_size_bytes_max
         self._before_prefix_delete = before_prefix_delete
+        self._on_fsync_seconds = on_fsync_seconds  # metrics: told each commit's duration (None = nothing)
         self._fault = _parse_fault(os.environ.get("COORD_WAL_FAULT"))
         self._crash_image_dir = os.environ.get("COORD_WAL_CRASH_IMAGE_DIR") or None
 
@@ -183,6 +185,8 @@ class LmdbJournal:
         self.flushes_total += 1
         self.last_fsync_seconds = elapsed
         self.fsync_seconds_total += elapsed
+        if self._on_fsync_seconds is not None:
+            self._on_fsync_seconds(elapsed)
         if self._crash_image_dir is not None:
             self._write_crash_image(self._crash_image_dir)
         if self._fault == ("kill_after_flush", self.flushes_total):
