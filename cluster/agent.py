@@ -31,8 +31,18 @@ Guarantees the agent gives the cluster (the cluster's own fencing makes the rest
   shutting down") so the cluster can re-queue them without waiting for the lease to expire;
   the outbox is flushed for a bounded time; the channel is closed.
 
-Progress reported by the adapter through `ExecutionContext.progress` is recorded locally only:
-the protocol has no progress message yet.
+Progress reported by the adapter through `ExecutionContext.progress` is sent to the cluster as
+the latest value, at most once per `progress_report_interval_s`.
+
+Observability (issue 7), both off unless asked for:
+
+* Metrics: `ExecutorAgent(metrics=AgentMetrics(...))` (cluster/agent_metrics.py) — the adapter's
+  run time per attempt, attempts by outcome, load, running/queued attempts, LLM tokens and cost.
+* Traces: an assignment with a `trace_parent` (the task's W3C context, "" = not traced) runs
+  under a span `execute` (CONSUMER, child of that context) with a child `adapter <executor type>`
+  around `adapter.execute`, current while the adapter runs, so the calls it makes through the
+  agent (Delegate, WaitTasks, Save/RestoreCheckpoint) carry `traceparent` and the node's spans
+  join the trace. Nothing is created when tracing is not configured (cluster/tracing.py).
 """
 
 from __future__ import annotations
@@ -48,7 +58,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 
+from cluster import tracing
+from cluster.agent_metrics import AgentMetrics, llm_usage
 from cluster.credentials import ClientCredentials
 from executors.base import (
     ExecutorAdapter,
@@ -272,6 +287,7 @@ class _Running:
     key: AttemptKey
     type: str
     ctx: AttemptContext
+    trace_parent: str = ""                  # the assignment's W3C traceparent; "" = not traced
     task: asyncio.Task[None] | None = None
     cancelled_by_server: bool = False
     hard_cancel: asyncio.TimerHandle | None = None
@@ -328,6 +344,71 @@ class AgentCounters:
         return dict(vars(self))
 
 
+# ------------------------------------------------------------------------------------------ traces
+
+
+class _AttemptTrace:
+    """The spans of one traced attempt:
+
+        execute (CONSUMER, child of the assignment's trace_parent)   task.*, executor.*, outcome
+          └─ adapter <executor type>   around adapter.execute, current while it runs; an LLM
+                                       result's model and token counts (gen_ai.* attributes)
+
+    Tracing must never break an attempt: a failure here is logged and the attempt goes on."""
+
+    def __init__(self, execute: trace.Span, adapter: trace.Span, token: object) -> None:
+        self.execute = execute
+        self.adapter = adapter
+        self._token = token
+
+    @classmethod
+    def start(cls, agent: ExecutorAgent, task: ExecutorTask, trace_parent: str) -> _AttemptTrace | None:
+        if not trace_parent or not tracing.enabled():
+            return None
+        try:
+            execute = tracing.child_span("execute", trace_parent, kind=SpanKind.CONSUMER, attributes={
+                "task.id": task.task_id, "task.type": task.type, "task.attempt": task.attempt,
+                "executor.id": agent.executor_id, "executor.type": agent.executor_type})
+            if execute is None:             # a malformed trace_parent is only a hint: not traced
+                return None
+            adapter = tracing.tracer().start_span(f"adapter {agent.executor_type}",
+                                                  context=trace.set_span_in_context(execute))
+            return cls(execute, adapter, otel_context.attach(trace.set_span_in_context(adapter)))
+        except Exception:                   # noqa: BLE001 — see the class docstring
+            log.exception("executor %s: starting the spans of %s failed", agent.executor_id, task.task_id)
+            return None
+
+    def adapter_ended(self, result: Any, raised: BaseException | None, *, cancelled: bool) -> None:
+        """In the attempt's task, where `start` attached the context."""
+        try:
+            otel_context.detach(self._token)
+            if raised is not None:
+                if not cancelled:
+                    error = task_error_from(raised)
+                    self.adapter.set_attribute("error.type", error.code)
+                    tracing.record_error(self.adapter, error.message)
+            elif isinstance(result, ExecutorResult):
+                usage = llm_usage(result.output, result.metrics)
+                if usage is not None:
+                    self.adapter.set_attributes({
+                        "gen_ai.request.model": usage.model, "gen_ai.response.model": usage.response_model,
+                        "gen_ai.usage.input_tokens": usage.prompt_tokens,
+                        "gen_ai.usage.output_tokens": usage.completion_tokens, "llm.cost_usd": usage.cost_usd})
+            self.adapter.end()
+        except Exception:                   # noqa: BLE001 — see the class docstring
+            log.exception("ending the adapter span failed")
+
+    def ended(self, outcome: str, error: TaskError | None) -> None:
+        try:
+            self.execute.set_attribute("task.outcome", outcome)
+            if error is not None:
+                self.execute.set_attributes({"error.type": error.code, "error.retryable": error.retryable})
+                tracing.record_error(self.execute, error.message)
+            self.execute.end()
+        except Exception:                   # noqa: BLE001 — see the class docstring
+            log.exception("ending the execute span failed")
+
+
 # ------------------------------------------------------------------------------------------- agent
 
 
@@ -358,6 +439,7 @@ class ExecutorAgent:
         metadata: Mapping[str, str] | None = None,
         limits: AgentLimits | None = None,
         channel_options: Sequence[tuple[str, Any]] = (),
+        metrics: AgentMetrics | None = None,
     ) -> None:
         if not isinstance(executor_id, str) or not executor_id:
             raise ValueError("executor_id: a non-empty str (the same id after a reconnect resumes its leases)")
@@ -369,6 +451,9 @@ class ExecutorAgent:
             raise ValueError("endpoints: at least one host:port")
         if not heartbeat_interval_s > 0:
             raise ValueError(f"heartbeat_interval_s: > 0, got {heartbeat_interval_s!r}")
+        if metrics is not None and (metrics.executor_id, metrics.executor_type) != (executor_id, executor_type):
+            raise ValueError(f"metrics: labelled for executor {metrics.executor_id!r} of type "
+                             f"{metrics.executor_type!r}, not {executor_id!r} of type {executor_type!r}")
         self.adapter = adapter
         self.executor_id = executor_id
         self.name = name or executor_id
@@ -396,9 +481,10 @@ class ExecutorAgent:
         self.resumable = bool(getattr(adapter.get_capabilities(), "resumable", False))
 
         self._running: dict[AttemptKey, _Running] = {}
-        # Leased to us and waiting for a free slot (prefetch), in arrival order. Their leases
-        # live as long as we do, like those of running attempts; `started` goes out on start.
-        self._queued: OrderedDict[AttemptKey, ExecutorTask] = OrderedDict()
+        # Leased to us and waiting for a free slot (prefetch), in arrival order, with their
+        # trace_parent. Their leases live as long as we do, like those of running attempts;
+        # `started` goes out on start.
+        self._queued: OrderedDict[AttemptKey, tuple[ExecutorTask, str]] = OrderedDict()
         # Insertion-ordered so the oldest entry is the one dropped when a bound is hit.
         self._finished: OrderedDict[AttemptKey, str] = OrderedDict()
         self._outbox: OrderedDict[AttemptKey, _Pending] = OrderedDict()
@@ -416,6 +502,9 @@ class ExecutorAgent:
         self._connected = asyncio.Event()
         self._stopping = False
         self._spec = self._build_spec()
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(self.metrics_snapshot)
 
     # ------------------------------------------------------------------------------- public
 
@@ -489,8 +578,11 @@ class ExecutorAgent:
             if channel is None:
                 channel = self._unary_channels[endpoint] = self.credentials.aio_channel(endpoint, self.channel_options)
             try:
+                # The current span (a traced attempt's) travels along, so the node's span joins it.
+                metadata = self.credentials.metadata()
                 return await getattr(pb_grpc.CoordinatorStub(channel), method)(
-                    request, timeout=timeout_s, metadata=self.credentials.metadata())
+                    request, timeout=timeout_s,
+                    metadata=tracing.inject_metadata(list(metadata or ())) if tracing.enabled() else metadata)
             except grpc.aio.AioRpcError as exc:
                 last = exc
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -510,6 +602,18 @@ class ExecutorAgent:
     def progress_of(self, task_id: str, attempt: int) -> list[tuple[float, str]]:
         running = self._running.get((task_id, attempt))
         return [(r.fraction, r.message) for r in running.ctx.reports] if running else []
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """What the metrics and /readyz read, from the HTTP server's thread: only sizes and plain
+        attributes (each read is atomic; nothing is iterated that the event loop may change)."""
+        return {
+            "running": len(self._running), "queued": len(self._queued), "capacity": self.capacity,
+            "connected": self._connected.is_set(), "endpoint": self._connected_endpoint or "",
+            "node_id": self._node_id, "stopping": self._stopping,
+            "attempts_completed_total": self.counters.attempts_completed_total,
+            "attempts_failed_total": self.counters.attempts_failed_total,
+            "attempts_cancelled_total": self.counters.attempts_discarded_total,
+        }
 
     def status(self) -> dict[str, Any]:
         """A JSON-serializable snapshot."""
@@ -853,15 +957,15 @@ class ExecutorAgent:
             self._reject(key, PermanentTaskError(f"bad assignment: {exc}"))
             return
         if len(self._running) >= self.capacity:
-            self._queued[key] = task
+            self._queued[key] = (task, assignment.trace_parent)
             log.debug("executor %s: queued %s", self.executor_id, key)
             return
-        self._start(key, task)
+        self._start(key, task, assignment.trace_parent)
 
-    def _start(self, key: AttemptKey, task: ExecutorTask) -> None:
+    def _start(self, key: AttemptKey, task: ExecutorTask, trace_parent: str) -> None:
         running = _Running(key=key, type=task.type,
                            ctx=AttemptContext(progress_reports_max=self.limits.progress_reports_max, agent=self,
-                                              key=key))
+                                              key=key), trace_parent=trace_parent)
         self._running[key] = running
         # The first progress report is due one interval after the start: short attempts send none.
         self._progress_sent_s[key] = asyncio.get_running_loop().time()
@@ -873,8 +977,8 @@ class ExecutorAgent:
 
     def _start_queued(self) -> None:
         while self._queued and len(self._running) < self.capacity and not self._stopping:
-            key, task = self._queued.popitem(last=False)
-            self._start(key, task)
+            key, (task, trace_parent) = self._queued.popitem(last=False)
+            self._start(key, task, trace_parent)
 
     def _reject(self, key: AttemptKey, error: TaskError) -> None:
         """Report an attempt failed without running it."""
@@ -885,8 +989,23 @@ class ExecutorAgent:
 
     async def _run_attempt(self, running: _Running, task: ExecutorTask) -> None:
         key = running.key
+        traced = _AttemptTrace.start(self, task, running.trace_parent)   # None: not traced
+        loop = asyncio.get_running_loop()
+        started_s = loop.time()
+        adapter_s = 0.0
+        result: Any = None
+        error: TaskError | None = None
         try:
-            result = await self.adapter.execute(task, running.ctx)
+            raised: BaseException | None = None
+            try:
+                result = await self.adapter.execute(task, running.ctx)
+            except BaseException as exc:    # noqa: BLE001 — only noted here, handled below
+                raised = exc
+                raise
+            finally:
+                adapter_s = loop.time() - started_s
+                if traced is not None:
+                    traced.adapter_ended(result, raised, cancelled=running.cancelled_by_server)
             if not isinstance(result, ExecutorResult):
                 raise PermanentTaskError(f"adapter returned {type(result).__name__}, not ExecutorResult")
             message = pb.ExecutorMessage(completed=pb.AttemptCompleted(
@@ -899,6 +1018,7 @@ class ExecutorAgent:
                 error = RetryableTaskError(f"executor shutting down: {error.message}")
             message = _failed_message(key, error)
             outcome = "failed"
+            result = None
         finally:
             if running.hard_cancel is not None:
                 running.hard_cancel.cancel()
@@ -906,11 +1026,18 @@ class ExecutorAgent:
             self._progress.pop(key, None)
             self._progress_sent_s.pop(key, None)
         await running.ctx.close()           # stops its checkpoint timer, if one runs
+        if self.metrics is not None:
+            # A result discarded after a cancel still spent its tokens: they count.
+            self.metrics.attempt_ran(adapter_s, None if result is None else llm_usage(result.output, result.metrics))
         if running.cancelled_by_server:
+            if traced is not None:
+                traced.ended("cancelled", None)
             self._remember_finished(key, "cancelled")
             self.counters.attempts_discarded_total += 1
             log.info("executor %s: %s ended after cancel (%s); result discarded", self.executor_id, key, outcome)
         else:
+            if traced is not None:
+                traced.ended(outcome, error)
             self._remember_finished(key, outcome)
             if outcome == "completed":
                 self.counters.attempts_completed_total += 1
@@ -953,7 +1080,7 @@ class ExecutorAgent:
     async def _shutdown(self) -> None:
         self._stopping = True
         while self._queued:                 # never started: hand them back at once
-            key, _task = self._queued.popitem(last=False)
+            key, _ = self._queued.popitem(last=False)
             self._reject(key, RetryableTaskError("executor shutting down"))
         tasks = [r.task for r in self._running.values() if r.task is not None]
         log.info("executor %s stopping: cancelling %d running attempts", self.executor_id, len(tasks))
