@@ -1129,6 +1129,17 @@ def executor_run(
                                                                   "secret SECRET as VAR (e.g. CLOUDRU_API_KEY="
                                                                   "cloudru_api_key); repeatable"),
     log_level: str = typer.Option("INFO", "--log-level"),
+    metrics_address: str = typer.Option("", "--metrics-address", help="serve Prometheus metrics at "
+                                                                      "http://HOST:PORT/metrics, with /healthz and "
+                                                                      "/readyz (default: off)"),
+    agent_trace_file: str = typer.Option("", "--trace-file", help="write the spans of traced tasks' attempts "
+                                                                  "to this JSON-lines file"),
+    agent_otlp_endpoint: str = typer.Option("", "--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+                                            help="send them to this OTLP/gRPC collector instead "
+                                                 "(default: OTEL_EXPORTER_OTLP_ENDPOINT)"),
+    trace_sample_ratio: float = typer.Option(None, "--trace-sample-ratio",
+                                             help="0.0..1.0 (default: tracing.SAMPLE_RATIO_DEFAULT); attempts "
+                                                  "follow the sampling decision stored with their task"),
     endpoints: str = EndpointsOpt,
     data_dir: str = DataDirOpt,
     output: Output = OutputOpt,
@@ -1145,6 +1156,18 @@ def executor_run(
         fail(f"--capacity: >= 1, got {capacity}")
     if not 0 <= prefetch <= PREFETCH_MAX:
         fail(f"--prefetch: between 0 and {PREFETCH_MAX}, got {prefetch}")
+    from cluster import tracing
+    from cluster.agent_metrics import AgentMetrics, parse_address, serve_http
+
+    if metrics_address:
+        try:
+            parse_address(metrics_address)
+        except ValueError as exc:
+            fail(f"--metrics-address: {exc}")
+    if trace_sample_ratio is None:
+        trace_sample_ratio = tracing.SAMPLE_RATIO_DEFAULT
+    if not 0.0 <= trace_sample_ratio <= 1.0:
+        fail(f"--trace-sample-ratio: between 0.0 and 1.0, got {trace_sample_ratio}")
     from cluster.agent import ADAPTER_FACTORIES
 
     if type_ not in ADAPTER_FACTORIES:
@@ -1187,10 +1210,27 @@ def executor_run(
             fail(f"--profile-file: cannot read a JSON profile from {profile_file!r} ({exc})")
         if not isinstance(performance_profile, dict):
             fail(f"--profile-file: {profile_file!r} holds no JSON object")
+    metrics = AgentMetrics(executor_id or name, type_) if metrics_address else None
     agent = ExecutorAgent(adapter, executor_id=executor_id or name, name=name, executor_type=type_,
                           capacity=capacity, prefetch=prefetch, endpoints=eps,
                           heartbeat_interval_s=heartbeat_interval_s, checkpoint_settings=checkpoint_settings,
-                          performance_profile=performance_profile, credentials=credentials)
+                          performance_profile=performance_profile, credentials=credentials, metrics=metrics)
+    metrics_server = None
+    if metrics is not None:
+        try:
+            metrics_server = serve_http(metrics_address, metrics.registry, agent.metrics_snapshot)
+        except (OSError, ValueError) as exc:
+            fail(f"--metrics-address: cannot serve on {metrics_address!r} ({exc})")
+    try:
+        tracing.configure(tracing.TraceSettings("executor-agent", agent.executor_id, file=agent_trace_file,
+                                                otlp_endpoint=agent_otlp_endpoint,
+                                                sample_ratio=trace_sample_ratio))
+    except OSError as exc:
+        fail(f"--trace-file: cannot write {agent_trace_file!r} ({exc})")
+    except tracing.TracingConfigError as exc:
+        fail(f"--trace-sample-ratio: {exc}")
+    except ValueError as exc:
+        fail(f"--otlp-endpoint: {agent_otlp_endpoint!r}: {exc}")
 
     async def main_async() -> None:
         stop = asyncio.Event()
@@ -1199,7 +1239,13 @@ def executor_run(
             loop.add_signal_handler(signum, stop.set)
         await agent.run(stop)
 
-    asyncio.run(main_async())
+    try:
+        asyncio.run(main_async())
+    finally:
+        tracing.shutdown()                  # flushes the spans still queued
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
     summary = agent.status()
     if output == Output.json:
         emit_json(summary)
