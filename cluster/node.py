@@ -124,6 +124,7 @@ class Node:
         self.interceptor: AuthInterceptor | None = None
         self.metrics_server: Any = None
         self.metrics_registry: Any = None
+        self.metrics: Any = None  # cluster.metrics.NodeMetrics when a metrics address is set
 
     def _paths(self) -> tuple[str, str]:
         os.makedirs(self.config.data_dir, exist_ok=True)
@@ -150,7 +151,14 @@ class Node:
             # Node to node (the heartbeat relay): the node's own certificate, no token.
             relay_credentials = ClientCredentials(certs_dir=config.certs_dir, cert_name=me.id)
         wal_path, snapshot_path = self._paths()
-        self.journal = LmdbJournal(wal_path)
+        if config.metrics_address:
+            from cluster.metrics import NodeMetrics
+
+            self.metrics = NodeMetrics(me.id, self.metrics_snapshot)
+        metrics = self.metrics  # its hooks are one histogram observe each; None: no hooks at all
+        self.journal = LmdbJournal(wal_path, on_fsync_seconds=metrics.observe_wal_fsync if metrics else None)
+        if metrics is not None:
+            metrics.skip_history(self.journal)  # counted before this start: not counted again
         waiters = AppliedWaiters(loop)
         conf_kwargs = recommended_conf_kwargs()
         conf_kwargs.update(
@@ -166,11 +174,14 @@ class Node:
             me.raft_address, peers, fsm=self.fsm, fsm_lock=self.fsm_lock, journal=self.journal,
             snapshot_path=snapshot_path, transport_class=CoordinatorTransport, conf_kwargs=conf_kwargs,
             on_applied=waiters.notify_threadsafe,
+            on_snapshot_seconds=metrics.observe_snapshot if metrics else None,
         )
         if self.stamper is None:
-            self.proposer = Proposer(self.raft, loop, config.proposer)
+            self.proposer = Proposer(self.raft, loop, config.proposer,
+                                     on_batch_commands=metrics.observe_batch if metrics else None)
         else:
-            self.proposer = Proposer(self.raft, loop, config.proposer, encode=self.stamper)
+            self.proposer = Proposer(self.raft, loop, config.proposer, encode=self.stamper,
+                                     on_batch_commands=metrics.observe_batch if metrics else None)
         grpc_by_raft = {n.raft_address: n.grpc_address for n in config.nodes}
 
         def leader_grpc_address() -> str | None:
@@ -185,9 +196,9 @@ class Node:
         # Outermost first: call metrics, authentication and RBAC, then the guard against
         # undecodable bodies.
         if config.metrics_address:
-            from cluster.metrics import GrpcMetricsInterceptor, node_registry
+            from cluster.metrics import GrpcMetricsInterceptor
 
-            self.metrics_registry = node_registry(me.id, self.metrics_snapshot)
+            self.metrics_registry = self.metrics.registry
             interceptors.insert(0, GrpcMetricsInterceptor(self.metrics_registry).as_grpc())
         self.server = grpc.aio.server(interceptors=[*interceptors, RequestGuard()], options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
@@ -230,23 +241,32 @@ class Node:
         status = self.status()
         with self.fsm_lock:
             executor_statuses: dict[str, int] = {}
+            executor_load: dict[str, list[int]] = {}  # type -> [leased attempts, capacity] of online executors
+            executor_tasks = self.fsm.executor_tasks
             for record in self.fsm.executors.values():
                 executor_statuses[record.status] = executor_statuses.get(record.status, 0) + 1
+                load = executor_load.setdefault(record.type, [0, 0])
+                if record.status == "online":
+                    load[0] += len(executor_tasks.get(record.id, ()))
+                    load[1] += record.capacity
             return {
                 "leader": status.leader_raft_address,
                 "role": status.role, "term": status.term, "commit_index": status.commit_index,
                 "applied_index": status.applied_index, "task_statuses": dict(self.fsm.status_counts),
-                "executor_statuses": executor_statuses, "audit_records": len(self.fsm.audit),
+                "executor_statuses": executor_statuses, "executor_load": executor_load,
+                "audit_records": len(self.fsm.audit),
                 "secrets": len(self.fsm.secrets), "commands_in_flight": status.commands_in_flight,
                 "denied_total": self.interceptor.denied_total if self.interceptor is not None else 0,
             }
 
     def _start_metrics(self) -> None:
-        from cluster.metrics import serve_http
-
+        """HTTP /metrics, /healthz, /readyz and the thread that folds task events and polls the
+        leader; `metrics_server.shutdown()` stops both."""
+        raft = self.raft
         try:
-            self.metrics_server = serve_http(self.config.metrics_address, self.metrics_registry,
-                                             self.metrics_snapshot, self.config.data_dir)
+            self.metrics_server = self.metrics.start(
+                self.config.metrics_address, self.metrics_snapshot, self.config.data_dir,
+                fsm=self.fsm, fsm_lock=self.fsm_lock, raft_status=lambda: raft.status_cache)
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--metrics-address: cannot serve on {self.config.metrics_address!r} ({exc})") from None
 
