@@ -41,6 +41,8 @@ certs_app = typer.Typer(help="The cluster CA and its certificates (for mTLS).", 
 token_app = typer.Typer(help="JWT identities: issue tokens, rotate the signing key.", no_args_is_help=True)
 secret_app = typer.Typer(help="Envelope-encrypted secrets (API keys) in replicated state.", no_args_is_help=True)
 audit_app = typer.Typer(help="The signed, hash-chained audit log: list, export, verify.", no_args_is_help=True)
+trace_app = typer.Typer(help="Traces the nodes wrote (JSON-lines trace files): list them, show one as a tree.",
+                        no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster")
 app.add_typer(node_app, name="node")
 app.add_typer(task_app, name="task")
@@ -52,6 +54,7 @@ app.add_typer(certs_app, name="certs")
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
 app.add_typer(secret_app, name="secret")
+app.add_typer(trace_app, name="trace")
 
 # Piped output keeps full columns instead of the 80-column fallback.
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -97,6 +100,7 @@ class _Auth:
 
 @app.callback()
 def global_options(
+    ctx: typer.Context,
     token: str = typer.Option("", "--token", help="a JWT (default: COORD_TOKEN, COORD_TOKEN_FILE, or one minted "
                                                   "from the local cluster's key ring as admin)"),
     token_file: str = typer.Option("", "--token-file", help="a file holding the JWT (re-read when it changes)"),
@@ -104,9 +108,43 @@ def global_options(
     certs_dir: str = typer.Option("", "--certs-dir", help="the cluster's certs dir (default: DATA_DIR/certs)"),
     insecure_dev: bool = typer.Option(False, "--insecure-dev", help="plaintext, no token: only for a cluster "
                                                                     "started with --insecure-dev"),
+    trace_file: str = typer.Option("", "--trace-file",
+                                   help="trace this command: its span (the root of the trace the cluster "
+                                        "continues) goes to this JSON-lines file; the trace id is printed "
+                                        "(long-running `node run` / `executor run` have their own --trace-file)"),
+    otlp_endpoint: str = typer.Option("", "--otlp-endpoint", help="trace this command to an OTLP/gRPC collector"),
 ) -> None:
     _Auth.token, _Auth.token_file, _Auth.cert_name, _Auth.certs_dir = token, token_file, cert_name, certs_dir
     _Auth.insecure_dev = True if insecure_dev else None
+    if trace_file or otlp_endpoint:
+        if ctx.invoked_subcommand in ("node", "executor"):
+            fail("--trace-file / --otlp-endpoint: traces one admin command; `node run` and `executor run` take "
+                 "their own --trace-file / --otlp-endpoint / --trace-sample-ratio after the command")
+        _trace_command(ctx, trace_file, otlp_endpoint)
+
+
+def _trace_command(ctx: typer.Context, trace_file: str, otlp_endpoint: str) -> None:
+    """The command runs inside a client span (always sampled: asking for a trace means wanting
+    this one); every call it makes carries the span's traceparent."""
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+
+    from cluster import tracing
+
+    tracing.configure(tracing.TraceSettings("coordctl", f"coordctl-{os.getpid()}", file=trace_file,
+                                            otlp_endpoint=otlp_endpoint, sample_ratio=1.0))
+    span = tracing.tracer().start_span(f"coordctl {ctx.invoked_subcommand or ''}".strip(),
+                                       kind=trace.SpanKind.CLIENT)
+    token = otel_context.attach(trace.set_span_in_context(span))
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+
+    def finish() -> None:
+        otel_context.detach(token)
+        span.end()
+        tracing.shutdown()
+        err_console.print(f"trace: {trace_id}", highlight=False)
+
+    ctx.call_on_close(finish)
 
 
 def credentials_for(data_dir: str | None, *, cert_name: str = "", subject: str = "",
@@ -196,12 +234,17 @@ def cluster_up(
     wait_s: float = typer.Option(30.0, "--wait-s", help="how long to wait for a leader"),
     insecure_dev: bool = typer.Option(False, "--insecure-dev", help="DEVELOPMENT ONLY: plaintext gRPC, no tokens, "
                                                                     "no RBAC, no audit"),
+    trace_sample_ratio: float = typer.Option(0.1, "--trace-sample-ratio", help="share of new traces the nodes "
+                                             "record (0.0 = off .. 1.0), in DATA_DIR/nN/traces.jsonl"),
     output: Output = OutputOpt,
 ) -> None:
     """Start a local cluster in the background; returns once a leader is elected. The first run
     creates DATA_DIR/certs: the cluster CA, certificates for the nodes, the CLI, executors and the
     MCP bridge, the JWT key ring and the nodes' audit keys (mTLS + JWT + RBAC + audit are on)."""
-    cluster = LocalCluster(data_dir or default_data_dir(), insecure_dev=insecure_dev)
+    if not 0.0 <= trace_sample_ratio <= 1.0:
+        fail(f"--trace-sample-ratio: 0.0..1.0, got {trace_sample_ratio}")
+    cluster = LocalCluster(data_dir or default_data_dir(), insecure_dev=insecure_dev,
+                           trace_sample_ratio=trace_sample_ratio)
     if cluster.nodes and cluster.insecure_dev != insecure_dev:
         fail(f"--insecure-dev: the cluster in {cluster.data_dir} was created "
              f"{'with' if cluster.insecure_dev else 'without'} it; use the same mode or a fresh --data-dir")
@@ -320,6 +363,12 @@ def node_run(
     metrics_address: str = typer.Option("", "--metrics-address", help="serve Prometheus metrics at "
                                                                       "http://HOST:PORT/metrics (default: off)"),
     log_format: str = typer.Option("json", "--log-format", help="json (one object per line) or text"),
+    trace_file: str = typer.Option("", "--trace-file", help="write sampled trace spans here as JSON lines "
+                                                            "(default: DATA_DIR/traces.jsonl)"),
+    otlp_endpoint: str = typer.Option("", "--otlp-endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT",
+                                      help="send spans to this OTLP/gRPC collector instead of the file"),
+    trace_sample_ratio: float = typer.Option(0.1, "--trace-sample-ratio", help="share of new traces recorded, "
+                                                                               "0.0 (off) .. 1.0"),
 ) -> None:
     """Run one coordinator node in the foreground (for real deployments and `cluster up`)."""
     from cluster.node import NodeConfig, load_cluster_file, load_secret, run_node
@@ -334,7 +383,10 @@ def node_run(
                         log_compaction_min_time_s=log_compaction_min_time_s,
                         proposer=ProposerLimits(commands_in_flight_max=commands_in_flight_max),
                         certs_dir=node_certs_dir, policy_file=policy_file, insecure_dev=node_insecure_dev,
-                        metrics_address=metrics_address)
+                        metrics_address=metrics_address, trace_file=trace_file, otlp_endpoint=otlp_endpoint,
+                        trace_sample_ratio=trace_sample_ratio)
+    if not 0.0 <= trace_sample_ratio <= 1.0:
+        fail(f"--trace-sample-ratio: 0.0..1.0, got {trace_sample_ratio}")
     try:
         config.me  # noqa: B018 (validates node_id early with a clear message)
     except ValueError as exc:
@@ -933,6 +985,80 @@ def audit_list(
     console.print(table)
 
 
+def _trace_files(data_dir: str | None, files: list[str]) -> list[str]:
+    """The given files plus, for a local cluster, every node's DATA_DIR/nN/traces.jsonl."""
+    from cluster.local import LocalCluster
+
+    paths = list(files)
+    directory = data_dir or os.environ.get("COORDCTL_DATA_DIR") or default_data_dir()
+    if os.path.exists(os.path.join(directory, "cluster.json")):
+        paths += [os.path.join(node.data_dir, "traces.jsonl") for node in LocalCluster(directory).nodes]
+    if not paths:
+        fail(f"--file: no trace files given and no local cluster in {directory}")
+    return paths
+
+
+@trace_app.command("list")
+def trace_list(
+    file: list[str] = typer.Option([], "--file", help="a JSON-lines trace file (repeatable; executors', coordctl's)"),
+    last: int = typer.Option(20, "--last", help="the newest N traces (1-10000)"),
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """Traces in the local cluster's trace files (and --file ones), newest last."""
+    from cluster.tracing import read_spans, trace_ids
+
+    if not 1 <= last <= 10_000:
+        fail(f"--last: between 1 and 10000, got {last}")
+    traces = trace_ids(read_spans(_trace_files(data_dir, file)))
+    rows = sorted(({"trace_id": k, "root": v["root"] or "(root not in these files)", "spans": v["spans"],
+                    "services": sorted(v["services"]), "start": v["start"]} for k, v in traces.items()),
+                  key=lambda r: r["start"])[-last:]
+    if output == Output.json:
+        emit_json({"traces": rows})
+        return
+    table = Table(title=f"traces ({len(rows)} of {len(traces)})")
+    for column in ("trace id", "start", "root", "spans", "services"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["trace_id"], row["start"], row["root"], str(row["spans"]), ",".join(row["services"]))
+    console.print(table)
+
+
+@trace_app.command("show")
+def trace_show(
+    trace_id: str = typer.Argument(..., help="32 hex digits (printed by `coordctl --trace-file ...`)"),
+    file: list[str] = typer.Option([], "--file", help="a JSON-lines trace file (repeatable; executors', coordctl's)"),
+    data_dir: str = DataDirOpt,
+    output: Output = OutputOpt,
+) -> None:
+    """One trace as a tree: which process did what, when, for how long — submit, commit,
+    schedule, execute and report, across nodes and executors."""
+    from dataclasses import asdict
+
+    from cluster.tracing import read_spans, trace_rows
+
+    trace_id = trace_id.lower().removeprefix("0x")
+    if not re.fullmatch(r"[0-9a-f]{32}", trace_id):
+        fail(f"trace_id: 32 hex digits, got {trace_id!r}")
+    rows, missing = trace_rows(read_spans(_trace_files(data_dir, file)), trace_id)
+    if not rows:
+        fail(f"trace {trace_id}: no spans in the trace files")
+    if output == Output.json:
+        emit_json({"trace_id": trace_id, "spans": [asdict(r) for r in rows], "missing_parents": missing})
+        return
+    t0 = min(r.start_s for r in rows)
+    table = Table(title=f"trace {trace_id} ({len(rows)} spans)")
+    for column in ("span", "where", "start ms", "duration ms", "status", "task"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row("  " * row.depth + row.name, row.service, f"{(row.start_s - t0) * 1000:.1f}",
+                      f"{row.duration_ms:.1f}", row.status, str(row.attributes.get("task.id", "")))
+    console.print(table)
+    if missing:
+        console.print(f"parents not in these files (another process's file?): {', '.join(missing)}")
+
+
 @audit_app.command("export")
 def audit_export(
     out: str = typer.Option(..., "--out", help="the JSON-lines file to write (0600)"),
@@ -1157,7 +1283,8 @@ def executor_run(
     if not 0 <= prefetch <= PREFETCH_MAX:
         fail(f"--prefetch: between 0 and {PREFETCH_MAX}, got {prefetch}")
     from cluster import tracing
-    from cluster.agent_metrics import AgentMetrics, parse_address, serve_http
+    from cluster.agent_metrics import AgentMetrics, serve_http
+    from cluster.metrics import parse_address
 
     if metrics_address:
         try:

@@ -116,8 +116,11 @@ class LocalNode:
 
 class LocalCluster:
     def __init__(self, data_dir: str, *, env: dict[str, str] | None = None, extra_args: list[str] | None = None,
-                 insecure_dev: bool = False) -> None:
+                 insecure_dev: bool = False, trace_sample_ratio: float | None = None) -> None:
         self.data_dir = os.path.abspath(data_dir)
+        # None: the node's default (cluster/tracing.py SAMPLE_RATIO_DEFAULT); spans go to
+        # DATA_DIR/nN/traces.jsonl.
+        self.trace_sample_ratio = trace_sample_ratio
         self.file = os.path.join(self.data_dir, "cluster.json")
         self.secret_file = os.path.join(self.data_dir, "cluster.secret")
         self.certs_dir = os.path.join(self.data_dir, "certs")
@@ -240,6 +243,7 @@ class LocalCluster:
                "--data-dir", node.data_dir, "--secret-file", self.secret_file,
                *(["--insecure-dev"] if self.insecure_dev else ["--certs-dir", self.certs_dir]),
                *(["--metrics-address", node.metrics_address] if node.metrics_address else []),
+               *(["--trace-sample-ratio", str(self.trace_sample_ratio)] if self.trace_sample_ratio is not None else []),
                # node.log of a local cluster is read by people; `extra_args` may say --log-format json
                "--log-format", "text", *self.extra_args]
         proc = subprocess.Popen(

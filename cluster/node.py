@@ -24,6 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from cluster import tracing
 from cluster.credentials import JWT_KEYS_FILE, KEK_FILE, ClientCredentials
 from cluster.auth import AuditStamper, AuthInterceptor, DecisionLog, ServerTls, audit_loop
 from cluster.dispatch import DispatchSettings, Dispatcher
@@ -48,6 +49,7 @@ log = logging.getLogger("coordinator.node")
 
 GRPC_MESSAGE_BYTES_MAX = 32 << 20
 SECRET_BYTES_MIN = 16
+COMPONENT_HEALTH_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,11 @@ class NodeConfig:
     insecure_dev: bool = False
     # Prometheus metrics at http://<metrics_address>/metrics ("" = not served).
     metrics_address: str = ""
+    # Traces (cluster/tracing.py): OTLP/gRPC to otlp_endpoint if set, else JSON lines to
+    # trace_file ("" = DATA_DIR/traces.jsonl); a ratio of 0 turns tracing off.
+    trace_file: str = ""
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 0.1
 
     @property
     def me(self) -> NodeAddress:
@@ -118,6 +125,7 @@ class Node:
         self.server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._audit_task: asyncio.Task | None = None
+        self._health_task: asyncio.Task | None = None
         self.stamper: AuditStamper | None = None
         self.decisions: DecisionLog | None = None
         self.token_issuer: Callable[[], TokenIssuer] | None = None
@@ -193,8 +201,10 @@ class Node:
             is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
             settings=config.dispatch, relay_credentials=relay_credentials,
         )
-        # Outermost first: call metrics, authentication and RBAC, then the guard against
-        # undecodable bodies.
+        # Outermost first: call metrics, the call's trace span, authentication and RBAC, then the
+        # guard against undecodable bodies.
+        if self._configure_tracing():
+            interceptors.insert(0, tracing.server_interceptor())
         if config.metrics_address:
             from cluster.metrics import GrpcMetricsInterceptor
 
@@ -235,6 +245,7 @@ class Node:
         if config.metrics_address:
             self._start_metrics()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._health_task = asyncio.create_task(self._component_health_loop())
         log.info("node %s serving gRPC on %s, raft on %s", me.id, me.grpc_address, me.raft_address)
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -270,6 +281,17 @@ class Node:
         except (OSError, ValueError) as exc:
             raise SystemExit(f"--metrics-address: cannot serve on {self.config.metrics_address!r} ({exc})") from None
 
+    def _configure_tracing(self) -> bool:
+        config = self.config
+        settings = tracing.TraceSettings(
+            "coordinator-node", config.node_id,
+            file=config.trace_file or os.path.join(config.data_dir, "traces.jsonl"),
+            otlp_endpoint=config.otlp_endpoint, sample_ratio=config.trace_sample_ratio)
+        try:
+            return tracing.configure(settings) is not None
+        except tracing.TracingConfigError as exc:
+            raise SystemExit(f"--trace-sample-ratio: {exc}") from None
+
     def _audit_head(self) -> tuple[int, str, int]:
         with self.fsm_lock:
             chain = self.fsm.audit
@@ -296,6 +318,27 @@ class Node:
         # so after `coordctl token rotate-key` refreshed tokens carry the new kid.
         self.token_issuer = lambda: TokenIssuer(verifier.keyring)
         return self.interceptor
+
+    async def _component_health_loop(self) -> None:
+        """The gRPC health service per component, from the /readyz checks: `coordinator.raft`
+        (a leader is known), `coordinator.wal` (writable), `coordinator.disk` (room for the WAL)
+        and `coordinator.apply` (applied close to committed); "" and the Coordinator service stay
+        SERVING while the process answers (liveness)."""
+        from cluster.metrics import readiness
+
+        names = {"leader": "coordinator.raft", "wal": "coordinator.wal", "disk": "coordinator.disk",
+                 "apply": "coordinator.apply"}
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        while not self._stopped.is_set():
+            _ok, checks = await asyncio.to_thread(readiness, self.metrics_snapshot(), self.config.data_dir)
+            for check, service in names.items():
+                result = self.health.set(service, serving if checks[check]["ok"] else not_serving)
+                if asyncio.iscoroutine(result):
+                    await result
+            try:
+                await asyncio.wait_for(self._stopped.wait(), COMPONENT_HEALTH_INTERVAL_S)
+            except TimeoutError:
+                pass
 
     async def _set_health(self, status: int) -> None:
         result = self.health.set("", status)
@@ -337,6 +380,8 @@ class Node:
             self.metrics_server.shutdown()
         if self._audit_task is not None:
             self._audit_task.cancel()
+        if self._health_task is not None:
+            self._health_task.cancel()
         if self.dispatcher is not None:
             await self.dispatcher.stop()
         if self.server is not None:
@@ -344,6 +389,7 @@ class Node:
             await self.server.stop(grace=1.0)
         if self.raft is not None:
             await asyncio.to_thread(self.raft.stop)
+        tracing.shutdown()  # flushes spans still queued
         self._stopped.set()
 
 

@@ -23,11 +23,12 @@ class Executors:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, capacity: int = 4, *, executor_type: str = "algorithmic",
-              env: dict[str, str] | None = None) -> subprocess.Popen:
+              env: dict[str, str] | None = None, args: list[str] | None = None) -> subprocess.Popen:
         log = open(os.path.join(self.cluster.data_dir, f"executor-{name}.log"), "ab")  # noqa: SIM115
         proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.cli", "executor", "run", "--type", executor_type, "--name", name,
-             "--capacity", str(capacity), "--endpoints", ",".join(self.cluster.endpoints), "--data-dir", self.cluster.data_dir],
+             "--capacity", str(capacity), "--endpoints", ",".join(self.cluster.endpoints), "--data-dir", self.cluster.data_dir,
+             *(args or ())],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, start_new_session=True,
             env={**os.environ, **(env or {})},
         )
