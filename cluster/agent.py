@@ -271,11 +271,6 @@ def _task_spec_from(where: str, task: Mapping[str, Any]) -> pb.TaskSpec:
                        has_priority=priority is not None, depends_on=[str(d) for d in task.get("depends_on") or []],
                        max_attempts=int(task.get("max_attempts") or 0))
 
-    @property
-    def last_progress(self) -> float | None:
-        reports = self.reports
-        return reports[-1].fraction if reports else None
-
 
 # ----------------------------------------------------------------------------------- internal state
 

@@ -37,9 +37,7 @@ ends, on the agent's event loop (prometheus_client's metrics are thread-safe for
 
 from __future__ import annotations
 
-import json
 import math
-import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -193,44 +191,11 @@ def readiness(snapshot: AgentSnapshot) -> tuple[bool, dict[str, Any]]:
     return all(c["ok"] for c in checks.values()), checks
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (port 0: any free port) → (host, port); ValueError naming the expected form."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"HOST:PORT with a port in 0..65535, got {address!r}")
-    return host, int(port)
-
-
 def serve_http(address: str, registry: CollectorRegistry, snapshot: Callable[[], AgentSnapshot]) -> Any:
-    """/metrics, /healthz and /readyz on a daemon thread. Returns the server (its
-    `server_address` names the bound port; call shutdown() and server_close() to stop).
-    ValueError for a malformed address, OSError when it cannot be bound."""
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    """/metrics, /healthz and /readyz (a live stream to a node) on a daemon thread
+    (cluster.metrics.serve_http). Returns the server (its `server_address` names the bound port;
+    call shutdown() and server_close() to stop). ValueError for a malformed address, OSError when
+    it cannot be bound."""
+    from cluster.metrics import serve_http as serve
 
-    from prometheus_client import make_wsgi_app
-    from prometheus_client.exposition import ThreadingWSGIServer
-
-    host, port = parse_address(address)
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ: dict, start_response: Callable) -> list[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path not in ("/healthz", "/readyz"):
-            return metrics_app(environ, start_response)
-        if path == "/healthz":
-            ok, body = True, {"status": "alive"}
-        else:
-            ok, checks = readiness(snapshot())
-            body = {"status": "ready" if ok else "not ready", "checks": checks}
-        data = json.dumps(body).encode()
-        start_response("200 OK" if ok else "503 Service Unavailable",
-                       [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-        return [data]
-
-    class Quiet(WSGIRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — scrapes are not news
-            pass
-
-    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=Quiet)
-    threading.Thread(target=server.serve_forever, name="agent-metrics-http", daemon=True).start()
-    return server
+    return serve(address, registry, lambda: readiness(snapshot()), "agent-metrics-http")

@@ -216,7 +216,7 @@ class NodeMetrics:
         import threading
 
         self.attach(fsm, fsm_lock, raft_status)
-        self._http = serve_http(address, self.registry, snapshot, data_dir)
+        self._http = serve_http(address, self.registry, lambda: readiness(snapshot(), data_dir))
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll_loop, name="metrics-events", daemon=True)
         self._thread.start()
@@ -258,7 +258,8 @@ def readiness(snapshot: dict[str, Any], data_dir: str) -> tuple[bool, dict[str, 
         free = 0
     lag = max(0, snapshot["commit_index"] - snapshot["applied_index"])
     checks = {
-        "leader": {"ok": bool(snapshot.get("leader")), "leader": snapshot.get("leader", "")},
+        "leader": {"ok": bool(snapshot.get("leader")), "leader": snapshot.get("leader", ""),
+                   "role": snapshot.get("role", "")},
         "wal": {"ok": os.access(data_dir, os.W_OK), "data_dir": data_dir},
         "disk": {"ok": free >= DISK_FREE_BYTES_MIN, "free_bytes": free, "min_bytes": DISK_FREE_BYTES_MIN},
         "apply": {"ok": lag <= APPLY_LAG_ENTRIES_MAX, "lag_entries": lag, "max_entries": APPLY_LAG_ENTRIES_MAX},
@@ -266,10 +267,20 @@ def readiness(snapshot: dict[str, Any], data_dir: str) -> tuple[bool, dict[str, 
     return all(c["ok"] for c in checks.values()), checks
 
 
-def serve_http(address: str, registry: CollectorRegistry, snapshot: Callable[[], dict[str, Any]],
-               data_dir: str) -> Any:
+def parse_address(address: str) -> tuple[str, int]:
+    """HOST:PORT (port 0: any free port) → (host, port); ValueError naming the expected form."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"HOST:PORT with a port in 0..65535, got {address!r}")
+    return host, int(port)
+
+
+def serve_http(address: str, registry: CollectorRegistry, ready: Callable[[], tuple[bool, dict[str, Any]]],
+               thread_name: str = "metrics-http") -> Any:
     """/metrics (Prometheus text), /healthz (the process answers), /readyz (200 or 503 with the
-    per-check details as JSON), on a daemon thread. Returns the server (call shutdown())."""
+    per-check details `ready()` returns, as JSON), on a daemon thread — for nodes and executor
+    agents alike. Returns the server (its `server_address` names the bound port; call shutdown()).
+    ValueError for a malformed address, OSError when it cannot be bound."""
     import json
     import threading
     from wsgiref.simple_server import WSGIRequestHandler, make_server
@@ -277,29 +288,29 @@ def serve_http(address: str, registry: CollectorRegistry, snapshot: Callable[[],
     from prometheus_client import make_wsgi_app
     from prometheus_client.exposition import ThreadingWSGIServer
 
+    host, port = parse_address(address)
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict, start_response: Callable) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path in ("/healthz", "/readyz"):
-            if path == "/healthz":
-                ok, body = True, {"status": "alive"}
-            else:
-                ok, checks = readiness(snapshot(), data_dir)
-                body = {"status": "ready" if ok else "not ready", "checks": checks}
-            data = json.dumps(body).encode()
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
-            return [data]
-        return metrics_app(environ, start_response)
+        if path not in ("/healthz", "/readyz"):
+            return metrics_app(environ, start_response)
+        if path == "/healthz":
+            ok, body = True, {"status": "alive"}
+        else:
+            ok, checks = ready()
+            body = {"status": "ready" if ok else "not ready", "checks": checks}
+        data = json.dumps(body).encode()
+        start_response("200 OK" if ok else "503 Service Unavailable",
+                       [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+        return [data]
 
     class Quiet(WSGIRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 — scrapes are not news
             pass
 
-    host, _, port = address.rpartition(":")
-    server = make_server(host or "127.0.0.1", int(port), app, ThreadingWSGIServer, handler_class=Quiet)
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    server = make_server(host, port, app, ThreadingWSGIServer, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, name=thread_name, daemon=True).start()
     return server
 
 

@@ -33,7 +33,6 @@ from cluster.agent_metrics import (
     AgentMetrics,
     LLMUsage,
     llm_usage,
-    parse_address,
     serve_http,
 )
 from executors.base import ExecutionContext, ExecutorResult, ExecutorTask
@@ -308,6 +307,8 @@ async def test_metrics_healthz_and_readyz_over_http() -> None:
 
 
 def test_parse_address_names_the_form() -> None:
+    from cluster.metrics import parse_address
+
     assert parse_address("127.0.0.1:9470") == ("127.0.0.1", 9470)
     assert parse_address("localhost:0") == ("localhost", 0)
     for bad in ("9470", ":9470", "host:", "host:http", "host:70000"):
