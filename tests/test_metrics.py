@@ -190,3 +190,40 @@ def test_task_metrics_count_a_dag_run_on_every_node(cluster3, executors) -> None
             leaders += 1
             assert samples[("raft_batch_size_count", (n,))] > 0
     assert leaders == 1
+
+
+def test_grpc_health_reports_each_component_and_loses_raft_without_a_majority(cluster3) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    serving = health_pb2.HealthCheckResponse.SERVING
+    components = ("coordinator.raft", "coordinator.wal", "coordinator.disk", "coordinator.apply")
+
+    def statuses(endpoint: str) -> dict[str, int]:
+        seen = {}
+        with cluster3.admin.channel(endpoint) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            for name in ("", *components):
+                try:
+                    seen[name] = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+                except grpc.RpcError as exc:   # NOT_FOUND before the node's first component refresh
+                    seen[name] = exc.code().name
+        return seen
+
+    for endpoint in cluster3.endpoints:
+        deadline = time.monotonic() + 20
+        while (seen := statuses(endpoint)) != dict.fromkeys(("", *components), serving):
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.2)
+    # The leader is the harder case: cut off from its majority, it steps down after
+    # leaderFallbackTimeout (1 s, cluster/raft_patches.py); a follower loses its leader at once.
+    leader = cluster3.wait_leader()
+    survivor = cluster3.node(leader)
+    others = [n for n in cluster3.nodes if n.id != leader]
+    for node in others:
+        cluster3.kill_node(node.id)
+    deadline = time.monotonic() + 30   # the survivor notices it has no leader, then the next refresh
+    while (seen := statuses(survivor.grpc_address))["coordinator.raft"] == serving:
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.2)
+    assert seen[""] == serving and seen["coordinator.wal"] == serving   # alive, its WAL fine: only Raft is out
