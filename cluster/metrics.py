@@ -28,7 +28,7 @@ task ids as labels; every series has a `node` label):
       raft_batch_size                      histogram, commands per Raft entry proposed by this node
       wal_fsync_seconds                    histogram, each durable commit (fsync) of the LMDB journal
       snapshot_duration_seconds            histogram, writing a snapshot
-      grpc_server_handled_total{method, code}, grpc_server_handling_seconds{method} (interceptor)
+      grpc_server_handled_total{method, code}, grpc_server_handling_seconds{method, code} (interceptor)
 
 Every node applies every task, so each node's task counters count the same tasks: a dashboard
 takes one node's view, e.g. `max by (type, status) (rate(tasks_total[5m]))`, never a sum over
@@ -319,13 +319,14 @@ class GrpcMetricsInterceptor:
     """Counts and times every call by method and status code (bounded labels: the service's
     methods and gRPC's codes). Outermost, so refusals by authentication and RBAC count too."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, node_id: str) -> None:
         from prometheus_client import Counter, Histogram
 
+        self.node_id = node_id
         self.handled = Counter("grpc_server_handled", "gRPC calls finished, by method and status code",
-                               ["method", "code"], registry=registry)
-        self.seconds = Histogram("grpc_server_handling_seconds", "gRPC call duration (streams: until they end)",
-                                 ["method"], registry=registry,
+                               ["node", "method", "code"], registry=registry)
+        self.seconds = Histogram("grpc_server_handling_seconds", "gRPC call duration by method and status code "
+                                 "(streams: until they end)", ["node", "method", "code"], registry=registry,
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60))
 
     def as_grpc(self) -> Any:
@@ -344,8 +345,8 @@ class GrpcMetricsInterceptor:
 
         code = context.code()
         name = code.name if code is not None else ("UNKNOWN" if failed else "OK")
-        self.handled.labels(method, name).inc()
-        self.seconds.labels(method).observe(time.perf_counter() - started)
+        self.handled.labels(self.node_id, method, name).inc()
+        self.seconds.labels(self.node_id, method, name).observe(time.perf_counter() - started)
 
     def _wrap(self, method: str, handler: Any) -> Any:
         import time

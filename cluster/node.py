@@ -209,7 +209,7 @@ class Node:
             from cluster.metrics import GrpcMetricsInterceptor
 
             self.metrics_registry = self.metrics.registry
-            interceptors.insert(0, GrpcMetricsInterceptor(self.metrics_registry).as_grpc())
+            interceptors.insert(0, GrpcMetricsInterceptor(self.metrics_registry, me.id).as_grpc())
         self.server = grpc.aio.server(interceptors=[*interceptors, RequestGuard()], options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),

@@ -47,8 +47,11 @@ def test_every_node_serves_metrics_that_agree_with_the_api(cluster3) -> None:
         assert samples[("raft_applied_index", (("node", node.id),))] >= 1
         assert samples[("raft_apply_lag_entries", (("node", node.id),))] >= 0
         leaders += int(samples[("raft_is_leader", (("node", node.id),))])
-        submits_ok += samples.get(("grpc_server_handled_total", (("code", "OK"), ("method", "SubmitTask"))), 0)
-        count = samples.get(("grpc_server_handling_seconds_count", (("method", "ClusterStatus"),)), 0)
+        submits_ok += samples.get(("grpc_server_handled_total",
+                                   (("code", "OK"), ("method", "SubmitTask"), ("node", node.id))), 0)
+        count = sum(value for (name, labels), value in samples.items()
+                    if name == "grpc_server_handling_seconds_count" and ("method", "ClusterStatus") in labels
+                    and ("node", node.id) in labels)   # any code: under load a poll may time out
         assert count >= 1   # the status polls of wait_converged reached every node
     assert leaders == 1
     assert submits_ok == 5
