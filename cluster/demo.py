@@ -41,11 +41,18 @@ def coordctl(*args: str, capture: bool = False) -> str:
     return result.stdout if capture else ""
 
 
+def executor_trace_file(name: str) -> str:
+    return os.path.join(DATA_DIR, f"executor-{name}.traces.jsonl")
+
+
 def start_executor(name: str, capacity: int) -> subprocess.Popen:
     log = open(os.path.join(DATA_DIR, f"executor-{name}.log"), "ab")  # noqa: SIM115
-    console.print(f"[bold cyan]$ coordctl executor run --type algorithmic --name {name} --capacity {capacity} &[/bold cyan]")
+    traces = executor_trace_file(name)
+    console.print(f"[bold cyan]$ coordctl executor run --type algorithmic --name {name} --capacity {capacity} "
+                  f"--trace-file {os.path.relpath(traces)} --trace-sample-ratio 1 &[/bold cyan]")
     proc = subprocess.Popen([sys.executable, "-m", "cluster.cli", "executor", "run", "--type", "algorithmic",
-                             "--name", name, "--capacity", str(capacity)],
+                             "--name", name, "--capacity", str(capacity), "--trace-file", traces,
+                             "--trace-sample-ratio", "1"],
                             env={**os.environ, "COORDCTL_DATA_DIR": DATA_DIR}, stdout=log, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, start_new_session=True)
     log.close()
@@ -60,7 +67,7 @@ def main() -> None:
     executors: list[subprocess.Popen] = []
     try:
         console.rule("1. start a local 3-node cluster (Raft over an fsync'd LMDB journal)")
-        coordctl("cluster", "up", "--nodes", "3")
+        coordctl("cluster", "up", "--nodes", "3", "--trace-sample-ratio", "1")
         cluster = LocalCluster(DATA_DIR)  # reads the cluster.json that `cluster up` wrote
         coordctl("cluster", "status")
 
@@ -70,7 +77,9 @@ def main() -> None:
         coordctl("executor", "list")
 
         console.rule("3. submit a sample DAG atomically and wait for it; then one task with an idempotency key, twice")
-        submitted = json.loads(coordctl("dag", "submit", SAMPLE_DAG, "--output", "json", capture=True))
+        cli_traces = os.path.join(DATA_DIR, "coordctl.traces.jsonl")
+        submitted = json.loads(coordctl("--trace-file", cli_traces, "dag", "submit", SAMPLE_DAG, "--output", "json",
+                                        capture=True))
         for name, task_id in submitted["task_ids"].items():
             console.print(f"  {name:14} {task_id}")
         coordctl("task", "wait", *submitted["task_ids"].values(), "--timeout", "60")
@@ -165,8 +174,25 @@ def main() -> None:
         time.sleep(1.5)  # access decisions reach the audit chain within a second
         coordctl("audit", "list", "--outcome", "denied", "--last", "5")
         coordctl("audit", "verify")
+
+        console.rule("9. observability: the sample DAG's trace across processes, metrics, a frame of `top`")
+        listed = json.loads(coordctl("trace", "list", "--file", cli_traces, "--output", "json", capture=True))
+        dag_trace = next(t["trace_id"] for t in reversed(listed["traces"]) if t["root"] == "coordctl dag")
+        coordctl("trace", "show", dag_trace, "--file", cli_traces,
+                 *(a for name in ("worker-a", "worker-b", "worker-c", "worker-d")
+                   if os.path.exists(executor_trace_file(name)) for a in ("--file", executor_trace_file(name))))
+        node = next(n for n in cluster.nodes if n.id != leader)   # counters start at a node's start
+        console.print(f"\n[bold cyan]$ curl -s http://{node.metrics_address}/metrics | grep -E "
+                      "'^(raft_is_leader|tasks_total|dispatch_latency_seconds_count)'[/bold cyan]")
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://{node.metrics_address}/metrics", timeout=10) as reply:
+            for line in reply.read().decode().splitlines():
+                if line.startswith(("raft_is_leader", "tasks_total", "dispatch_latency_seconds_count")):
+                    console.print(line, highlight=False)
+        coordctl("top", "--once")
     finally:
-        console.rule("9. stop the executors and the cluster")
+        console.rule("10. stop the executors and the cluster")
         for proc in executors:
             if proc.poll() is None:
                 proc.terminate()
