@@ -42,9 +42,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+disable_created_metrics()   # as for nodes (cluster/metrics.py): no `_created` series, smaller scrapes
 
 MODELS_LABELLED_MAX = 32          # distinct `model` label values; later models are `other`
 MODEL_LABEL_CHARS_MAX = 128       # a longer model name is cut to this

@@ -46,7 +46,7 @@ from coordinator.errors import Compacted
 TASK_TYPE_LABELS_MAX = 64
 OTHER_TYPE = "other"
 READY_TRACKED_MAX = 100_000
-EVENTS_PER_READ_MAX = 5_000
+EVENTS_PER_READ_MAX = 1_000   # per hold of the FSM lock: apply waits while it is held
 FINAL_STATUSES = ("completed", "failed", "cancelled", "dead_letter")
 EXECUTOR_LOST_PREFIX = "executor lost:"  # the reason fsm._apply_executor_lost gives what it takes back
 

@@ -201,15 +201,16 @@ class Node:
             is_leader=self.raft._isLeader, leader_grpc_address=leader_grpc_address, limits=config.limits,
             settings=config.dispatch, relay_credentials=relay_credentials,
         )
-        # Outermost first: call metrics, the call's trace span, authentication and RBAC, then the
-        # guard against undecodable bodies.
-        if self._configure_tracing():
-            interceptors.insert(0, tracing.server_interceptor())
+        # Outermost first: call metrics and the call's trace span (one interceptor when both are
+        # on), authentication and RBAC, then the guard against undecodable bodies.
+        traced = self._configure_tracing()
         if config.metrics_address:
             from cluster.metrics import GrpcMetricsInterceptor
 
             self.metrics_registry = self.metrics.registry
-            interceptors.insert(0, GrpcMetricsInterceptor(self.metrics_registry, me.id).as_grpc())
+            interceptors.insert(0, GrpcMetricsInterceptor(self.metrics_registry, me.id, trace_calls=traced).as_grpc())
+        elif traced:
+            interceptors.insert(0, tracing.server_interceptor())
         self.server = grpc.aio.server(interceptors=[*interceptors, RequestGuard()], options=[
             ("grpc.max_receive_message_length", GRPC_MESSAGE_BYTES_MAX),
             ("grpc.max_send_message_length", GRPC_MESSAGE_BYTES_MAX),
