@@ -114,8 +114,9 @@ class JsonLinesSpanExporter:
 
 
 class Tracing:
-    """The tracer provider of one process (not the OTel global: tests run several components in
-    one process, each with its own resource and file)."""
+    """The tracer provider of this process, held by `configure` rather than set as OTel's global
+    provider (which can be set only once per process; tests configure several in turn, each with
+    its own resource and file)."""
 
     def __init__(self, settings: TraceSettings) -> None:
         from opentelemetry.sdk.resources import Resource
