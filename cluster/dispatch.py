@@ -460,10 +460,10 @@ class Dispatcher:
         elif kind == "TaskFailed":
             if mirror:
                 self._queue.discard(task_id)
-        if kind in ("TaskCancelled", "TaskFailed"):
-            self._ready_ms.pop(task_id, None)
         elif kind in ("ExecutorLost", "ExecutorUnregistered"):
             self._leader_seen.pop(executor_id, None)
+        if kind in ("TaskCancelled", "TaskFailed"):
+            self._ready_ms.pop(task_id, None)   # a retry's TaskReady (after its TaskFailed) notes it again
         if kind in ("TaskCompleted", "TaskFailed", "TaskCancelled", "TaskRequeued") and executor_id:
             connection = self.connections.get(executor_id)
             if connection is not None:
