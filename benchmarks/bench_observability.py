@@ -79,7 +79,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.bench_cluster import CpuSampler, OurCluster, Profiler
-from benchmarks.bench_security import raft_view
+from benchmarks.bench_security import _short, raft_view  # _short: a py-spy frame as one row per function
 from benchmarks.loadgen import REPO_ROOT, Result, _child_env, machine_note, run_in_subprocess
 
 # name -> (metrics served and scraped, trace sample ratio). The first three always run; the last two
@@ -789,15 +789,6 @@ def profile_nodes(clusters: dict[str, ObsCluster], configs: tuple[str, ...],
                        "election": raft_view(clusters[config].nodes)[0] != terms[config]}
         print(f"  profiled {config}: {r.ops_per_s:,.0f} tasks/s", file=sys.stderr, flush=True)
     return out
-
-
-def _short(frame: str) -> str:
-    """'func (path/to/file.py:12)' -> 'func (to/file.py)'."""
-    if " (" not in frame:
-        return frame
-    func, loc = frame.split(" (", 1)
-    path = loc.rstrip(")").rsplit(":", 1)[0]
-    return f"{func} ({'/'.join(path.split('/')[-2:])})"
 
 
 def _is_obs(frame: str) -> bool:
